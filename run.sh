@@ -13,7 +13,7 @@ ensure_venv() {  # $1: extras ("" or "test")
   local stamp="$VENV/.installed-${extras:-base}-$(cat pyproject.toml constraints.txt run.sh | sha1sum | cut -c1-12)"
   [ -f "$stamp" ] && return 0
   [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
-  "$VENV/bin/python" -m pip install -q --upgrade "pip==26.0.1" || "$VENV/bin/python" -m pip install -q --upgrade pip
+  "$VENV/bin/python" -m pip install -q --upgrade "pip==26.3" || "$VENV/bin/python" -m pip install -q --upgrade pip
   local target="."
   [ -n "$extras" ] && target=".[${extras}]"
   "$VENV/bin/python" -m pip install -q -c constraints.txt -e "$target"
