@@ -70,16 +70,22 @@ def param_shapes(config: Config) -> dict[str, Any]:
   return shapes
 
 
-def _path_str(path) -> str:
+def path_str(path) -> str:
+  """'layers/attn/q_proj/kernel' for a pytree key path."""
   return "/".join(str(getattr(k, "key", k)) for k in path)
+
+
+def flat_shapes(config: Config) -> dict[str, tuple[int, ...]]:
+  """{'layers/attn/q_proj/kernel': (L, D, N*H), ...} for every tensor of the layout."""
+  flat = jax.tree_util.tree_flatten_with_path(
+      param_shapes(config), is_leaf=lambda x: isinstance(x, tuple))[0]
+  return {path_str(p): s for p, s in flat}
 
 
 def check_params(params: Any, config: Config, source: str = "params") -> None:
   """Raises ValueError naming the first missing, extra, mis-shaped or non-finite tensor."""
-  expected = dict(jax.tree_util.tree_flatten_with_path(
-      param_shapes(config), is_leaf=lambda x: isinstance(x, tuple))[0])
-  expected = {_path_str(p): s for p, s in expected.items()}
-  got = {_path_str(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+  expected = flat_shapes(config)
+  got = {path_str(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
   missing = sorted(set(expected) - set(got))
   if missing:
     raise ValueError(f"{source}: missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}")
@@ -96,4 +102,4 @@ def check_finite(params: Any, source: str = "params") -> None:
   """Raises ValueError naming the first tensor that holds NaN or Inf."""
   for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
     if not bool(np.isfinite(np.asarray(leaf, dtype=np.float32)).all()):
-      raise ValueError(f"{source}: tensor {_path_str(path)} contains NaN or Inf values")
+      raise ValueError(f"{source}: tensor {path_str(path)} contains NaN or Inf values")
