@@ -10,8 +10,9 @@ Two steps, each refusing what it does not understand:
   shape against `layout.param_shapes`, transposes linear weights to Flax [in, out] kernels and
   stacks the L decoder blocks on a leading axis. Weights are converted to float32.
 
-Missing fields take the default the transformers config class uses for that model type, so a
-config.json means here what it means to transformers.
+Missing optional fields take the default the transformers config class uses for that model
+type (e.g. Mistral's sliding_window 4096), so a config.json means here what it means to
+transformers; the core dimensions are required.
 """
 
 from __future__ import annotations
@@ -222,6 +223,9 @@ def config_from_hf(d: dict, source: str = CONFIG_FILE) -> Config:
   missing = [f for f in _REQUIRED_FIELDS if f not in d]
   if missing:
     raise ValueError(f"{source}: missing required fields {missing}")
+  for field in _REQUIRED_FIELDS:
+    if _int_field(d, field, source) <= 0:
+      raise ValueError(f"{source}: field {field}={d[field]!r}: expected a positive integer")
 
   if d.get("hidden_act", "silu") != "silu":
     raise _field_error(source, "hidden_act", d["hidden_act"], "'silu'")
@@ -245,7 +249,11 @@ def config_from_hf(d: dict, source: str = CONFIG_FILE) -> Config:
   if layer_types is not None and len(layer_types) != layers:
     raise ValueError(f"{source}: field layer_types has {len(layer_types)} entries; expected "
                      f"num_hidden_layers={layers}")
-  kv_heads = _int_field(d, "num_key_value_heads", source) or heads
+  # transformers' Mistral/Qwen2 classes default this to 8/32 whatever the head count; a
+  # config.json without it is a plain multi-head model, and the k_proj shape check catches
+  # the rare file that relied on those constants.
+  kv_heads = _int_field(d, "num_key_value_heads", source)
+  kv_heads = heads if kv_heads is None else kv_heads
   head_dim = _int_field(d, "head_dim", source)
   if head_dim is None:
     if hidden % heads:
@@ -271,7 +279,7 @@ def config_from_hf(d: dict, source: str = CONFIG_FILE) -> Config:
     # Without use_sliding_window transformers drops sliding_window, whatever its value.
     sliding_window = None
 
-  return Config(
+  fields = dict(
       family=family,
       vocab_size=_int_field(d, "vocab_size", source),
       hidden_size=hidden,
@@ -293,6 +301,10 @@ def config_from_hf(d: dict, source: str = CONFIG_FILE) -> Config:
       eos_token_ids=_eos_ids(d.get("eos_token_id", defaults["eos_token_id"]), source),
       pad_token_id=_int_field(d, "pad_token_id", source),
   )
+  try:
+    return Config(**fields)
+  except ValueError as e:  # Config names its own fields; say which file they came from
+    raise ValueError(f"{source}: {e}") from e
 
 
 def _hf_names(config: Config) -> dict[str, tuple[tuple[str, ...], Optional[int], bool]]:
@@ -345,7 +357,7 @@ class _SafetensorsFile:
     except Exception as e:  # safetensors raises its own SafetensorError for corrupt files
       raise ValueError(f"{path}: not a readable safetensors file (truncated or corrupt?): "
                        f"{e}") from e
-    self._bf16 = None
+    self._header = None  # (header, data start), parsed only if a BF16 tensor is read
 
   def shape(self, name: str) -> tuple[int, ...]:
     return tuple(self._file.get_slice(name).get_shape())
@@ -367,10 +379,9 @@ class _SafetensorsFile:
   def _get_bf16(self, name: str) -> np.ndarray:
     # NumPy has no bfloat16, so safe_open(framework="numpy") refuses it; read the bytes at the
     # header's offsets as ml_dtypes.bfloat16 instead (safe_open has validated the offsets).
-    if self._bf16 is None:
-      header, data_start = _safetensors_header(self.path)
-      self._bf16 = (header, data_start)
-    header, data_start = self._bf16
+    if self._header is None:
+      self._header = _safetensors_header(self.path)
+    header, data_start = self._header
     begin, end = header[name]["data_offsets"]
     shape = tuple(header[name]["shape"])
     with open(self.path, "rb") as f:
