@@ -32,6 +32,7 @@ def magnitude_mask(w: jax.Array, pattern: patterns.Pattern) -> jax.Array:
   """
   if np.ndim(w) < 2:
     raise ValueError(f"magnitude_mask: w must have shape [..., I, O], got {tuple(np.shape(w))}")
+  patterns.check_finite("magnitude_mask: w", w)
   score = jnp.abs(w)
   if isinstance(pattern, patterns.NM):
     return patterns.nm_mask(score, pattern.n, pattern.m)

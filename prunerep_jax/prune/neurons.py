@@ -1,0 +1,109 @@
+"""Structured MLP pruning: remove whole intermediate channels ("neurons") of a SwiGLU MLP.
+
+Channel f of the MLP is column f of the gate and up kernels [D, F] and row f of the down kernel
+[F, D]. Its score (the paper's reference code) is mean_d |W_down[f, d]| times the summed squared
+activation that enters the down projection on channel f; the lowest-scoring fraction is removed.
+Zeroing a channel's gate and up columns and its down row is exactly removing it (silu(0) * 0 = 0),
+so `mask_neurons` keeps shapes (layers stay stackable) and `remove_neurons` actually shrinks the
+kernels. Models with MLP biases (config.mlp_bias) must also drop or zero entry f of the gate and up
+biases [..., F], with the same keep-mask; these functions touch kernels only.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from prunerep_jax.prune import patterns
+
+
+def neuron_scores(w_down: jax.Array, act_sq_sum: jax.Array) -> jax.Array:
+  """Importance of each intermediate channel: mean_d |W_down[f, d]| * sum_t a_f(t)^2.
+
+  Args:
+    w_down: [..., F, D] down-projection kernel.
+    act_sq_sum: [..., F] sum over calibration tokens of the squared input of the down projection.
+
+  Returns:
+    [..., F] float32 scores.
+  """
+  w_shape, a_shape = tuple(np.shape(w_down)), tuple(np.shape(act_sq_sum))
+  if len(w_shape) < 2:
+    raise ValueError(f"neuron_scores: w_down must have shape [..., F, D], got {w_shape}")
+  if a_shape != w_shape[:-1]:
+    raise ValueError(f"neuron_scores: act_sq_sum must have shape [..., F] = {w_shape[:-1]} to "
+                     f"match w_down of shape {w_shape}, got {a_shape}")
+  patterns.check_finite("neuron_scores: act_sq_sum", act_sq_sum)
+  mean_abs = jnp.mean(jnp.abs(jnp.asarray(w_down, jnp.float32)), axis=-1)
+  return mean_abs * jnp.asarray(act_sq_sum, jnp.float32)
+
+
+def neuron_keep(scores: jax.Array, sparsity: float) -> jax.Array:
+  """Keep-mask over channels: drops the floor(sparsity * F) lowest scores.
+
+  Args:
+    scores: [..., F] channel scores (neuron_scores).
+    sparsity: fraction of channels removed, in [0, 1).
+
+  Returns:
+    [..., F] bool, True = keep; exactly floor(sparsity * F) False, ties broken by channel index.
+  """
+  sparsity = patterns.check_sparsity(sparsity)
+  if np.ndim(scores) < 1:
+    raise ValueError(f"neuron_keep: scores must have shape [..., F], got {tuple(np.shape(scores))}")
+  k = patterns.prune_count(np.shape(scores)[-1], sparsity)
+  if k == 0:
+    return jnp.ones(np.shape(scores), bool)
+  order = jnp.argsort(scores, axis=-1, stable=True)
+  return jnp.argsort(order, axis=-1, stable=True) >= k
+
+
+def _check_mlp(w_gate, w_up, w_down, keep, fn: str) -> None:
+  g, u, d, k = (tuple(np.shape(a)) for a in (w_gate, w_up, w_down, keep))
+  if len(g) < 2 or u != g or d != g[:-2] + (g[-1], g[-2]):
+    raise ValueError(f"{fn}: expected w_gate and w_up [..., D, F] and w_down [..., F, D], got "
+                     f"shapes {g}, {u}, {d}")
+  if k != g[:-2] + (g[-1],):
+    raise ValueError(f"{fn}: keep must have shape [..., F] = {g[:-2] + (g[-1],)}, got {k}")
+
+
+def mask_neurons(w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array, keep: jax.Array):
+  """Zeroes the dropped channels, keeping every shape (jittable; works on a stacked [L, ...]).
+
+  Args:
+    w_gate: [..., D, F] gate kernel.
+    w_up: [..., D, F] up kernel.
+    w_down: [..., F, D] down kernel.
+    keep: [..., F] bool, True = keep.
+
+  Returns:
+    (w_gate, w_up, w_down) with the dropped channels zero and the rest bit for bit.
+  """
+  _check_mlp(w_gate, w_up, w_down, keep, "mask_neurons")
+  keep = jnp.asarray(keep, bool)
+  zero = lambda w, m: jnp.where(m, w, jnp.zeros((), w.dtype))
+  return (zero(w_gate, keep[..., None, :]), zero(w_up, keep[..., None, :]),
+          zero(w_down, keep[..., :, None]))
+
+
+def remove_neurons(w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array, keep):
+  """Removes the dropped channels of one layer, shrinking F to the number kept.
+
+  Not jittable: the output shape depends on `keep`'s values.
+
+  Args:
+    w_gate: [D, F] gate kernel.
+    w_up: [D, F] up kernel.
+    w_down: [F, D] down kernel.
+    keep: [F] bool, True = keep (concrete).
+
+  Returns:
+    (w_gate [D, F'], w_up [D, F'], w_down [F', D]), channels in their original order.
+  """
+  _check_mlp(w_gate, w_up, w_down, keep, "remove_neurons")
+  if np.ndim(w_gate) != 2:
+    raise ValueError(f"remove_neurons: expects one layer, w_gate [D, F], got shape "
+                     f"{tuple(np.shape(w_gate))}; use mask_neurons for stacked layers")
+  idx = np.flatnonzero(np.asarray(keep, bool))
+  return w_gate[:, idx], w_up[:, idx], w_down[idx, :]

@@ -1,0 +1,221 @@
+"""SparseGPT (Frantar & Alistarh 2023): one-shot pruning with an approximate OBS weight update.
+
+The reference is `SparseGPT.fasterprune` (IST-DASLab/sparsegpt), written for torch weights
+[out, in]. Here weights are Flax [I, O]: the reference's column i (input i) is our row i, its
+"blocks of 128 columns" are blocks of 128 rows, and its `W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]` is
+our `W[i2:] -= Hinv[i1:i2, i2:]^T @ Err1`. The algorithm:
+
+1. H [I, I] = (2/n) sum_t x_t x_t^T over calibration inputs (`hessian_update`). Dead inputs
+   (H_jj = 0) get H_jj = 1 and their weights W_j,: = 0.
+2. H += percdamp * mean(diag H) * Id; Hinv = the upper Cholesky factor U of H^-1 (H^-1 = U^T U).
+3. For each block of `blocksize` inputs: unstructured masks prune, within the block and across all
+   outputs, the entries with the lowest w^2 / U_jj^2 (k = floor(sparsity * size of the block),
+   ties at the threshold pruned); N:M chooses, at the first input of every group of m, the n
+   lowest of that score per output, using the weights as updated so far. Then input by input:
+   q = w_j with pruned entries zeroed, err = (w_j - q) / U[j, j], and the rest of the block absorbs
+   the error, W[j'] -= U[j, j'] * err for j' > j (the OBS update). After the block, the later
+   inputs get the lazy update W[i2:] -= U[i1:i2, i2:]^T Err.
+
+Everything runs in float32 with HIGHEST matmul precision (no TF32), as the reference insists. The
+input loop is a `lax.fori_loop` inside a `lax.fori_loop` over blocks, so one shape compiles once.
+JAX's Cholesky returns NaN instead of raising, so the factorisation is checked on the host and
+retried with ten times the damping, a few times, before failing with the matrix's name.
+
+Deviation from the reference: its unstructured threshold is sorted[k] (0-based), the (k+1)-th
+smallest score, so it prunes one entry per block more than floor(sparsity * size), and one per
+block even at sparsity 0. We threshold at the k-th smallest, like magnitude pruning, and return the
+weight untouched at sparsity 0.
+"""
+
+from __future__ import annotations
+
+import functools
+import numbers
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from prunerep_jax.prune import patterns
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+# Damping tried: percdamp, then x10 up to this many times (0.01 -> 0.1 -> 1 -> 10 by default).
+_DAMP_RETRIES = 3
+
+
+def hessian_update(h: jax.Array, n, x: jax.Array):
+  """Folds a batch of calibration inputs into the running H = (2/n) sum_t x_t x_t^T.
+
+  As in the reference: H *= n / (n + b); x *= sqrt(2 / (n + b)); H += x^T x. The reference counts
+  sequences (b = batch size) rather than tokens; the scale of H cancels everywhere in SparseGPT (the
+  damping is relative to mean(diag H)), so we count rows, which makes H exactly 2 * E[x x^T].
+
+  Args:
+    h: [I, I] float32 running Hessian (zeros to start).
+    n: rows folded in so far (int or scalar array).
+    x: [..., I] new inputs; all leading axes are rows (e.g. [B, T, I]).
+
+  Returns:
+    (h, n): [I, I] updated Hessian and the new row count.
+  """
+  if np.ndim(h) != 2 or np.shape(h)[0] != np.shape(h)[1]:
+    raise ValueError(f"hessian_update: h must have shape [I, I], got {tuple(np.shape(h))}")
+  i = np.shape(h)[0]
+  if np.ndim(x) < 1 or np.shape(x)[-1] != i:
+    raise ValueError(f"hessian_update: x must have shape [..., I] with I={i}, got "
+                     f"{tuple(np.shape(x))}")
+  x = jnp.reshape(jnp.asarray(x, jnp.float32), (-1, i))
+  total = n + x.shape[0]
+  h = jnp.asarray(h, jnp.float32) * (n / total)
+  x = x * jnp.sqrt(2.0 / total)
+  return h + jnp.matmul(x.T, x, precision=_HIGHEST), total
+
+
+@jax.jit
+def _inverse_factor(h: jax.Array, percdamp: jax.Array):
+  """Dead-input fix, damping and U = upper Cholesky of H^-1; returns (U [I, I], dead [I])."""
+  diag = jnp.diagonal(h)
+  dead = diag == 0
+  idx = jnp.arange(h.shape[0])
+  h = h.at[idx, idx].set(jnp.where(dead, 1.0, diag))
+  damp = percdamp * jnp.mean(jnp.diagonal(h))
+  h = h.at[idx, idx].add(damp)
+  lower = jnp.linalg.cholesky(h)
+  hinv = jax.scipy.linalg.cho_solve((lower, True), jnp.eye(h.shape[0], dtype=h.dtype))
+  # jnp.linalg.cholesky reads the symmetrised input, so cho_solve's rounding asymmetry is harmless.
+  upper = jnp.triu(jnp.linalg.cholesky(hinv).T)
+  return upper, dead
+
+
+@functools.partial(jax.jit, static_argnames=("blocksize", "sparsity", "n", "m"))
+def _fasterprune(w, upper, dead, *, blocksize: int, sparsity: float, n: int, m: int):
+  """The block/column OBS loop on w [I, O]; returns (new_w [I, O], prune [I, O] bool)."""
+  i_dim, o_dim = w.shape
+  nblocks = -(-i_dim // blocksize)
+  padded = nblocks * blocksize
+  pad = padded - i_dim
+  # Padding inputs with zero weights and an identity block of U leaves the real inputs' updates
+  # unchanged (U's cross terms are zero), so every block has the same static shape.
+  w = jnp.pad(jnp.where(dead[:, None], 0.0, w), ((0, pad), (0, 0)))
+  upper = jnp.pad(upper, ((0, pad), (0, pad))) + jnp.diag(
+      (jnp.arange(padded) >= i_dim).astype(w.dtype))
+  real = jnp.arange(padded) < i_dim
+  rows = jnp.arange(padded)
+  k_full = patterns.prune_count(blocksize * o_dim, sparsity)
+  k_last = patterns.prune_count((i_dim - (nblocks - 1) * blocksize) * o_dim, sparsity)
+
+  def nm_group(i, state):
+    w1, prune1, d1 = state
+    group = jax.lax.dynamic_slice_in_dim(w1, i, m) ** 2 / jax.lax.dynamic_slice_in_dim(d1, i, m)[
+        :, None] ** 2
+    return jax.lax.dynamic_update_slice_in_dim(prune1, ~patterns.nm_mask(group, n, m), i, axis=0)
+
+  def block(b, carry):
+    w, prune = carry
+    i1 = b * blocksize
+    w1 = jax.lax.dynamic_slice_in_dim(w, i1, blocksize)                      # [B, O]
+    u_rows = jax.lax.dynamic_slice_in_dim(upper, i1, blocksize)              # [B, Ip]
+    u1 = jax.lax.dynamic_slice_in_dim(u_rows, i1, blocksize, axis=1)         # [B, B]
+    d1 = jnp.diagonal(u1)                                                    # [B]
+    if n == 0:
+      score = w1 ** 2 / d1[:, None] ** 2
+      # Padding must never take a pruning slot.
+      score = jnp.where(jax.lax.dynamic_slice_in_dim(real, i1, blocksize)[:, None], score, jnp.inf)
+      k = jnp.where(b == nblocks - 1, k_last, k_full)
+      kth = jnp.sort(score.ravel())[jnp.maximum(k - 1, 0)]
+      prune1 = score <= jnp.where(k > 0, kth, -jnp.inf)
+    else:
+      prune1 = jnp.zeros(w1.shape, bool)
+
+    def column(i, state):
+      w1, prune1, q1, err1 = state
+      if n:
+        prune1 = jax.lax.cond(i % m == 0, nm_group, lambda i, s: s[1], i, (w1, prune1, d1))
+      w_i = w1[i]
+      q = jnp.where(prune1[i], 0.0, w_i)
+      err = (w_i - q) / d1[i]
+      # Row i of U1 is zero left of the diagonal, so this touches only inputs i.. of the block.
+      w1 = w1 - u1[i][:, None] * err[None, :]
+      return w1, prune1, q1.at[i].set(q), err1.at[i].set(err)
+
+    zeros = jnp.zeros_like(w1)
+    _, prune1, q1, err1 = jax.lax.fori_loop(0, blocksize, column, (w1, prune1, zeros, zeros))
+    lazy = jnp.matmul(u_rows.T, err1, precision=_HIGHEST)                    # [Ip, O]
+    w = jnp.where((rows >= i1 + blocksize)[:, None], w - lazy, w)
+    w = jax.lax.dynamic_update_slice_in_dim(w, q1, i1, axis=0)
+    prune = jax.lax.dynamic_update_slice_in_dim(prune, prune1, i1, axis=0)
+    return w, prune
+
+  w, prune = jax.lax.fori_loop(0, nblocks, block, (w, jnp.zeros(w.shape, bool)))
+  return w[:i_dim], prune[:i_dim]
+
+
+def sparsegpt_prune(w: jax.Array, hessian: jax.Array, pattern: patterns.Pattern, *,
+                    blocksize: int = 128, percdamp: float = 0.01,
+                    name: str = "w") -> tuple[jax.Array, jax.Array]:
+  """Prunes one matrix with SparseGPT.
+
+  Not traceable under an outer jit: the Cholesky retry needs the factor's values on the host. Its
+  two device stages are jitted and compile once per shape and pattern.
+
+  Args:
+    w: [I, O] weights (Flax layout); computed in float32, returned in w's dtype.
+    hessian: [I, I] H = (2/n) sum_t x_t x_t^T of the layer's inputs (`hessian_update`).
+    pattern: Unstructured (per block of `blocksize` inputs) or NM (prunen/prunem of the reference).
+    blocksize: inputs per lazy-update block; a multiple of m for N:M.
+    percdamp: damping as a fraction of mean(diag H); multiplied by 10 on Cholesky failure.
+    name: the matrix's name for error messages (e.g. "layers/3/mlp/down_proj/kernel").
+
+  Returns:
+    (new_w, mask): new_w [I, O], pruned entries exactly zero and kept ones OBS-updated; mask [I, O]
+    bool, True = keep. At sparsity 0, w itself and an all-True mask.
+
+  Raises:
+    ValueError: bad shapes or arguments, non-finite w or hessian, or a Hessian that stays
+      non-positive-definite after the damping retries.
+  """
+  w_shape, h_shape = tuple(np.shape(w)), tuple(np.shape(hessian))
+  if len(w_shape) != 2:
+    raise ValueError(f"sparsegpt_prune: {name} must have shape [I, O], got {w_shape}")
+  if h_shape != (w_shape[0],) * 2:
+    raise ValueError(f"sparsegpt_prune: hessian of {name} must have shape [I, I] = "
+                     f"{(w_shape[0],) * 2} for weight shape {w_shape}, got {h_shape}")
+  if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize <= 0:
+    raise ValueError(f"sparsegpt_prune: blocksize must be a positive int, got {blocksize!r}")
+  if (isinstance(percdamp, bool) or not isinstance(percdamp, numbers.Real)
+      or not 0.0 < percdamp < float("inf")):
+    raise ValueError(f"sparsegpt_prune: percdamp must be a positive finite number, got "
+                     f"{percdamp!r}")
+  if isinstance(pattern, patterns.NM):
+    n, m, sparsity = pattern.n, pattern.m, pattern.sparsity
+    if w_shape[0] % m:
+      raise ValueError(f"sparsegpt_prune: input dim I={w_shape[0]} of {name} (shape {w_shape}) "
+                       f"is not divisible by m={m} of pattern {pattern}")
+    if blocksize % m:
+      raise ValueError(f"sparsegpt_prune: blocksize={blocksize} is not a multiple of m={m} of "
+                       f"pattern {pattern}; N:M groups must not straddle blocks")
+  elif isinstance(pattern, patterns.Unstructured):
+    n, m, sparsity = 0, 0, pattern.sparsity
+  else:
+    raise ValueError(f"sparsegpt_prune: pattern must be Unstructured or NM, got {pattern!r}")
+  patterns.check_finite(f"sparsegpt_prune: {name}", w)
+  patterns.check_finite(f"sparsegpt_prune: hessian of {name}", hessian)
+  if sparsity == 0.0:
+    return jnp.asarray(w), jnp.ones(w_shape, bool)
+
+  h = jnp.asarray(hessian, jnp.float32)
+  tried = []
+  with jax.default_matmul_precision("highest"):
+    for attempt in range(_DAMP_RETRIES + 1):
+      damp = percdamp * 10.0 ** attempt
+      tried.append(damp)
+      upper, dead = _inverse_factor(h, jnp.float32(damp))
+      if bool(jnp.all(jnp.isfinite(upper))):
+        break
+    else:
+      raise ValueError(f"sparsegpt_prune: Cholesky of the hessian of {name} (shape {h_shape}) is "
+                       f"not finite with percdamp {tried}; expected a positive semi-definite "
+                       "Hessian of calibration inputs")
+    new_w, prune = _fasterprune(jnp.asarray(w, jnp.float32), upper, dead, blocksize=blocksize,
+                                sparsity=sparsity, n=n, m=m)
+  return new_w.astype(jnp.asarray(w).dtype), ~prune
