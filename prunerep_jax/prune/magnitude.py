@@ -12,11 +12,16 @@ follow the paper's statement, which gives the exact count and leaves sparsity 0 
 
 from __future__ import annotations
 
+import time
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from prunerep_jax import layout
+from prunerep_jax.prune import linears as lin
 from prunerep_jax.prune import patterns
+from prunerep_jax.prune.result import PruneResult
 
 
 def magnitude_mask(w: jax.Array, pattern: patterns.Pattern) -> jax.Array:
@@ -45,3 +50,36 @@ def magnitude_mask(w: jax.Array, pattern: patterns.Pattern) -> jax.Array:
   flat = jnp.reshape(score, (*lead, i * o))
   threshold = jnp.sort(flat, axis=-1)[..., k - 1]  # the k-th smallest of each matrix
   return score > threshold[..., None, None]
+
+
+def magnitude(params, config, pattern=0.5, *, include=None):
+  """Magnitude pruning of every selected block linear; needs no calibration.
+
+  Args:
+    params, config: the dense model (params are not modified).
+    pattern: sparsity in [0, 1) (per-matrix threshold), "n:m", or a patterns value.
+    include: fnmatch patterns over "attn/q_proj"-style names (default: all seven linears).
+
+  Returns:
+    PruneResult; report holds per-matrix / per-layer sparsity and timings.
+  """
+
+  t0 = time.perf_counter()
+  pattern = lin.as_pattern(pattern, "magnitude")
+  chosen = lin.select(include, "magnitude")
+  layout.check_params(params, config, source="magnitude(params)")
+  lin.check_nm_divides(pattern, config, chosen, "magnitude")
+  new_layers = jax.tree_util.tree_map(lambda x: x, params["layers"])
+  masks = {"layers": {}}
+  for sub, name in chosen:
+    w = params["layers"][sub][name]["kernel"]
+    patterns.check_finite(f"magnitude: layers/{sub}/{name}/kernel", w)
+    mask = magnitude_mask(w, pattern)  # per matrix: the leading L axis is independent
+    new_layers[sub][name] = dict(new_layers[sub][name], kernel=patterns.apply_mask(w, mask))
+    masks["layers"].setdefault(sub, {})[name] = {"kernel": mask}
+  new_params = dict(params, layers=new_layers)
+  report = {"method": "magnitude", "pattern": str(pattern) if isinstance(pattern, patterns.NM)
+            else pattern.sparsity, "include": [f"{s}/{n}" for s, n in chosen],
+            "calibration": None, **lin.sparsity_report(masks, chosen),
+            "timings": {"total_s": time.perf_counter() - t0}}
+  return PruneResult(new_params, masks, report, config)

@@ -30,13 +30,17 @@ weight untouched at sparsity 0.
 from __future__ import annotations
 
 import functools
+import time
 import numbers
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from prunerep_jax.prune import calibrate
+from prunerep_jax.prune import linears as lin
 from prunerep_jax.prune import patterns
+from prunerep_jax.prune.result import PruneResult
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 # Damping tried: percdamp, then x10 up to this many times (0.01 -> 0.1 -> 1 -> 10 by default).
@@ -219,3 +223,46 @@ def sparsegpt_prune(w: jax.Array, hessian: jax.Array, pattern: patterns.Pattern,
     new_w, prune = _fasterprune(jnp.asarray(w, jnp.float32), upper, dead, blocksize=blocksize,
                                 sparsity=sparsity, n=n, m=m)
   return new_w.astype(jnp.asarray(w).dtype), ~prune
+
+
+def sparsegpt(params, config, pattern=0.5, *, calibration=None, blocksize: int = 128,
+              percdamp: float = 0.01, include=None, batch_size: int = 8):
+  """SparseGPT on every selected block linear, layer by layer on the already pruned prefix.
+
+  Args:
+    params, config: the dense model (not modified).
+    pattern: sparsity in [0, 1) (per block of `blocksize` inputs), "n:m", or a patterns value.
+    calibration: a `Calibration` or int tokens [N, T].
+    blocksize, percdamp: as in `sparsegpt_prune`.
+    include: fnmatch patterns over "attn/q_proj"-style names (default: all seven linears).
+    batch_size: calibration samples per jitted step.
+  """
+
+  t0 = time.perf_counter()
+  pattern = lin.as_pattern(pattern, "sparsegpt")
+  chosen = lin.select(include, "sparsegpt")
+  lin.check_nm_divides(pattern, config, chosen, "sparsegpt")
+  calib = calibrate.as_calibration(calibration, config, "sparsegpt")
+
+  def prune_layer(l, layer_p, stats, ntokens):
+    layer_p = jax.tree_util.tree_map(lambda x: x, layer_p)
+    masks = {}
+    for sub, name in chosen:
+      hessian = stats[calibrate.GROUP_OF[(sub, name)]] * (2.0 / ntokens)
+      new_w, mask = sparsegpt_prune(layer_p[sub][name]["kernel"], hessian, pattern,
+                                    blocksize=blocksize, percdamp=percdamp,
+                                    name=f"layers/{l}/{sub}/{name}/kernel")
+      layer_p[sub][name]["kernel"] = new_w
+      masks[(sub, name)] = mask
+    return layer_p, masks, {}
+
+  new_params, per_layer, _, timings = calibrate.sequential(
+      params, config, calib, "hessian", prune_layer, batch_size=batch_size, method="sparsegpt")
+  masks = lin.masks_tree(per_layer, chosen)
+  report = {"method": "sparsegpt",
+            "pattern": str(pattern) if isinstance(pattern, patterns.NM) else pattern.sparsity,
+            "blocksize": blocksize, "percdamp": percdamp,
+            "include": [f"{s}/{n}" for s, n in chosen], "calibration": calib.info,
+            **lin.sparsity_report(masks, chosen),
+            "timings": dict(timings, total_s=time.perf_counter() - t0)}
+  return PruneResult(new_params, masks, report, config)

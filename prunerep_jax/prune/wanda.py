@@ -14,12 +14,16 @@ whose weight is spread evenly lose more entries than outputs dominated by a few 
 from __future__ import annotations
 
 import functools
+import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from prunerep_jax.prune import calibrate
+from prunerep_jax.prune import linears as lin
 from prunerep_jax.prune import patterns
+from prunerep_jax.prune.result import PruneResult
 
 # Bisection constants of the reference: start at alpha = 0.4 inside [0, 0.8]; stop when the
 # sparsity is within 0.001 of the target or the bracket is narrower than 0.001 (<= 11 steps).
@@ -151,3 +155,55 @@ def wanda_mask(w: jax.Array, act_sq_mean: jax.Array, pattern: patterns.Pattern, 
       raise ValueError(f"wanda_mask: use_variant=True needs an Unstructured pattern, got {pattern}")
     return cumulative_threshold_mask(score, pattern.sparsity)[0]
   return patterns.pattern_mask(score, pattern, per_output=True)
+
+
+def wanda(params, config, pattern=0.5, *, calibration=None, use_variant: bool = False,
+          include=None, batch_size: int = 8):
+  """Wanda: prune by |W| * sqrt(mean x^2), compared within each output, layer by layer.
+
+  Args:
+    params, config: the dense model (not modified).
+    pattern: sparsity in [0, 1) (per output row), "n:m", or a patterns value.
+    calibration: a `Calibration` (pj.prune.calibration(...)) or int tokens [N, T]; statistics
+      are collected sequentially on the already pruned earlier layers.
+    use_variant: the cumulative-threshold variant (alpha bisection); unstructured only.
+    include: fnmatch patterns over "attn/q_proj"-style names (default: all seven linears).
+    batch_size: calibration samples per jitted step.
+  """
+
+  t0 = time.perf_counter()
+  pattern = lin.as_pattern(pattern, "wanda")
+  if use_variant and not isinstance(pattern, patterns.Unstructured):
+    raise ValueError(f"wanda: use_variant=True needs an unstructured sparsity, got pattern "
+                     f"{pattern}")
+  chosen = lin.select(include, "wanda")
+  lin.check_nm_divides(pattern, config, chosen, "wanda")
+  calib = calibrate.as_calibration(calibration, config, "wanda")
+  alphas = {}
+
+  def prune_layer(l, layer_p, stats, ntokens):
+    layer_p = jax.tree_util.tree_map(lambda x: x, layer_p)
+    masks = {}
+    for sub, name in chosen:
+      w = layer_p[sub][name]["kernel"]
+      act = stats[calibrate.GROUP_OF[(sub, name)]] / ntokens
+      if use_variant:
+        mask, alpha = cumulative_threshold_mask(wanda_scores(w, act), pattern.sparsity)
+        alphas[f"layers/{l}/{sub}/{name}"] = float(alpha)
+      else:
+        mask = wanda_mask(w, act, pattern)
+      layer_p[sub][name]["kernel"] = patterns.apply_mask(w, mask)
+      masks[(sub, name)] = mask
+    return layer_p, masks, {}
+
+  new_params, per_layer, _, timings = calibrate.sequential(
+      params, config, calib, "sq_sum", prune_layer, batch_size=batch_size, method="wanda")
+  masks = lin.masks_tree(per_layer, chosen)
+  report = {"method": "wanda", "variant": "cumulative_threshold" if use_variant else "per_output",
+            "pattern": str(pattern) if isinstance(pattern, patterns.NM) else pattern.sparsity,
+            "include": [f"{s}/{n}" for s, n in chosen], "calibration": calib.info,
+            **lin.sparsity_report(masks, chosen),
+            "timings": dict(timings, total_s=time.perf_counter() - t0)}
+  if use_variant:
+    report["alpha"] = alphas
+  return PruneResult(new_params, masks, report, config)

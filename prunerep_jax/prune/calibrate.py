@@ -1,0 +1,242 @@
+"""Calibration data and the sequential layer-by-layer driver shared by Wanda, SparseGPT and
+structured neuron pruning.
+
+Sequential, as in the published algorithms: layer l collects its statistics on the outputs of the
+*already pruned* layers 0..l-1; after layer l is pruned its outputs are recomputed and feed layer
+l+1. Only the current layer's statistics exist at any time; the residual stream of all
+calibration samples ([N, T, D]) is the one large buffer.
+
+Statistics are plain sums in float32 with HIGHEST matmul precision, accumulated over batches of
+samples inside one jitted function per (shape, statistic kind):
+  "sq_sum":  per input group, sum_t x_t^2 [I]        (Wanda's mean x^2 = sq_sum / n; neurons)
+  "hessian": per input group, sum_t x_t x_t^T [I, I] (SparseGPT's H = 2 * hessian / n)
+Inputs of the seven linears come in four groups, since q/k/v and gate/up read the same input.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from typing import Any, Callable, Optional
+
+from absl import logging
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from prunerep_jax import layout
+from prunerep_jax import model as M
+from prunerep_jax.config import Config
+
+Array = jax.Array
+
+# Linear -> the input group it reads.
+GROUP_OF = {
+    ("attn", "q_proj"): "attn_in", ("attn", "k_proj"): "attn_in", ("attn", "v_proj"): "attn_in",
+    ("attn", "o_proj"): "o_in",
+    ("mlp", "gate_proj"): "mlp_in", ("mlp", "up_proj"): "mlp_in",
+    ("mlp", "down_proj"): "down_in",
+}
+_GROUP_SOURCE = {"attn_in": "q_proj", "o_in": "o_proj", "mlp_in": "gate_proj",
+                 "down_in": "down_proj"}
+STAT_KINDS = ("sq_sum", "hessian")
+
+
+@dataclasses.dataclass(frozen=True)
+class Calibration:
+  """Calibration token windows and where they came from.
+
+  Attributes:
+    tokens: int32 [N, T] windows (no padding).
+    info: JSON-serialisable provenance: source, split, nsamples, seqlen, seed, ...
+  """
+
+  tokens: np.ndarray
+  info: dict
+
+  def __post_init__(self):
+    tokens = np.asarray(self.tokens)
+    if tokens.ndim != 2 or not np.issubdtype(tokens.dtype, np.integer):
+      raise ValueError(f"Calibration.tokens: expected an int array [N, T], got dtype "
+                       f"{tokens.dtype} shape {tokens.shape}")
+    if tokens.shape[0] < 1 or tokens.shape[1] < 1:
+      raise ValueError(f"Calibration.tokens: empty calibration set (shape {tokens.shape}); "
+                       "expected at least one sample of at least one token")
+    object.__setattr__(self, "tokens", tokens.astype(np.int32))
+
+
+def calibration(tokenizer, source: str = "wikipedia", nsamples: int = 128, seqlen: int = 512,
+                seed: int = 0) -> Calibration:
+  """Draws `nsamples` windows of `seqlen` tokens, reproducibly, from a text source.
+
+  Args:
+    tokenizer: the model's tokenizer.
+    source: "wikipedia" (the sample shipped in gensim, default), "news", or a local
+      .txt / .jsonl file or Hugging Face dataset directory (see `prunerep_jax.data`).
+    nsamples, seqlen: how many windows, of how many tokens.
+    seed: sampling seed.
+  """
+  from prunerep_jax import data
+  tokens, info = data.calibration_tokens(tokenizer, source=source, nsamples=nsamples,
+                                         seqlen=seqlen, seed=seed)
+  return Calibration(tokens, dict(info))
+
+
+def as_calibration(calib, config: Config, method: str) -> Calibration:
+  """Accepts a Calibration or a raw int array [N, T]; checks token ids against the vocab."""
+  if calib is None:
+    raise ValueError(f"{method}: calibration is required (a Calibration from "
+                     "pj.prune.calibration(...) or int tokens [N, T])")
+  if not isinstance(calib, Calibration):
+    arr = np.asarray(calib)
+    calib = Calibration(arr, {"source": "array", "nsamples": int(arr.shape[0]) if arr.ndim else 0,
+                              "seqlen": int(arr.shape[1]) if arr.ndim > 1 else 0})
+  lo, hi = int(calib.tokens.min()), int(calib.tokens.max())
+  if lo < 0 or hi >= config.vocab_size:
+    raise ValueError(f"{method}: calibration token ids span [{lo}, {hi}], outside the vocabulary "
+                     f"[0, {config.vocab_size})")
+  return calib
+
+
+# ------------------------------------------------------------------------- layer functions
+
+def _rope_and_mask(config: Config, T: int):
+  positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (1, T))
+  cos, sin = M.rope_tables(config, positions)
+  mask = M.attention_mask_3d(jnp.ones((1, T), bool), jnp.arange(T, dtype=jnp.int32), config)
+  return cos, sin, mask
+
+
+def _block_with_inputs(layer_p, config: Config, h: Array):
+  """Runs one block on h [B, T, D]; returns (h_out, {group: input [B, T, I]})."""
+  B, T, _ = h.shape
+  cos, sin, mask = _rope_and_mask(config, T)
+  cos, sin = jnp.broadcast_to(cos, (B,) + cos.shape[1:]), jnp.broadcast_to(sin, (B,) + sin.shape[1:])
+  mask = jnp.broadcast_to(mask, (B,) + mask.shape[1:])
+  seen = {}
+  wanted = {v: k for k, v in _GROUP_SOURCE.items()}
+
+  def record(next_fun, args, kwargs, context):
+    if isinstance(context.module, nn.Dense) and context.method_name == "__call__":
+      group = wanted.get(context.module.name)
+      if group is not None:
+        seen[group] = args[0]
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(record):
+    h_out, _, _ = M.Block(config, h.dtype).apply({"params": layer_p}, h, cos, sin, mask)
+  return h_out, seen
+
+
+@functools.partial(jax.jit, static_argnums=(1, 4))
+def _accumulate(layer_p, config, h, stats, kind):
+  _, inputs = _block_with_inputs(layer_p, config, h)
+  new = {}
+  for group, x in inputs.items():
+    x = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
+    if kind == "sq_sum":
+      new[group] = stats[group] + jnp.sum(x * x, axis=0)
+    else:
+      new[group] = stats[group] + jnp.matmul(x.T, x, precision=jax.lax.Precision.HIGHEST)
+  return new
+
+
+@functools.partial(jax.jit, static_argnums=(1,))
+def _run_block(layer_p, config, h):
+  return _block_with_inputs(layer_p, config, h)[0]
+
+
+def _group_dims(config: Config) -> dict[str, int]:
+  return {"attn_in": config.hidden_size, "o_in": config.q_size, "mlp_in": config.hidden_size,
+          "down_in": config.intermediate_size}
+
+
+def _batches(n: int, batch_size: int):
+  for start in range(0, n, batch_size):
+    yield slice(start, min(start + batch_size, n))
+
+
+def layer_statistics(layer_p, config: Config, h: Array, kind: str, batch_size: int) -> dict:
+  """Sums of the chosen statistic for each input group over all samples of h [N, T, D]."""
+  dims = _group_dims(config)
+  shape = (lambda d: (d,)) if kind == "sq_sum" else (lambda d: (d, d))
+  stats = {g: jnp.zeros(shape(d), jnp.float32) for g, d in dims.items()}
+  for sl in _batches(h.shape[0], batch_size):
+    stats = _accumulate(layer_p, config, h[sl], stats, kind)
+  return stats
+
+
+def run_block(layer_p, config: Config, h: Array, batch_size: int) -> Array:
+  """h [N, T, D] through one block, in batches."""
+  return jnp.concatenate([_run_block(layer_p, config, h[sl])
+                          for sl in _batches(h.shape[0], batch_size)], axis=0)
+
+
+def unstack_layers(layer_params) -> list:
+  L = jax.tree_util.tree_leaves(layer_params)[0].shape[0]
+  return [jax.tree_util.tree_map(lambda x, i=i: x[i], layer_params) for i in range(L)]
+
+
+def stack_layers(layers: list):
+  return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *layers)
+
+
+# --------------------------------------------------------------------------- the driver
+
+LayerFn = Callable[[int, Any, dict, int], tuple[Any, dict, dict]]
+
+
+def sequential(params, config: Config, calib: Calibration, kind: Optional[str],
+               prune_layer: LayerFn, *, batch_size: int = 8, method: str = "prune"):
+  """Prunes layer after layer on the outputs of the already pruned ones.
+
+  Args:
+    params, config: the dense model.
+    calib: calibration windows.
+    kind: statistic to collect per layer ("sq_sum" or "hessian").
+    prune_layer: (layer index, layer params, stats, ntokens) -> (new layer params,
+      per-linear masks {(sub, name): [I, O] bool}, per-layer report dict).
+    batch_size: calibration samples per jitted step.
+
+  Returns:
+    (new params, per-layer list of masks, per-layer list of reports, timings dict).
+  """
+  if kind not in STAT_KINDS:
+    raise ValueError(f"sequential: kind={kind!r}, expected one of {STAT_KINDS}")
+  if not isinstance(batch_size, int) or batch_size < 1:
+    raise ValueError(f"{method}: batch_size={batch_size!r}, expected a positive integer")
+  layout.check_params(params, config, source=f"{method}(params)")
+  layout.check_finite(params, source=f"{method}(params)")
+  t_start = time.perf_counter()
+  tokens = jnp.asarray(calib.tokens)
+  ntokens = int(tokens.size)
+  h = M.embed(params, tokens).astype(M.compute_dtype(params))
+  layers = unstack_layers(params["layers"])
+  masks, reports = [], []
+  t_stats = t_prune = 0.0
+  for l, layer_p in enumerate(layers):
+    t0 = time.perf_counter()
+    stats = layer_statistics(layer_p, config, h, kind, batch_size)
+    stats = jax.block_until_ready(stats)
+    for group, s in stats.items():
+      if not bool(jnp.all(jnp.isfinite(s))):
+        raise ValueError(f"{method}: calibration statistics of layer {l} ({group}, kind={kind}) "
+                         "contain NaN or Inf; the activations overflowed or the weights of "
+                         "earlier layers are not finite")
+    t1 = time.perf_counter()
+    layers[l], layer_masks, rep = prune_layer(l, layer_p, stats, ntokens)
+    t2 = time.perf_counter()
+    h = run_block(layers[l], config, h, batch_size)
+    t_stats += t1 - t0 + (time.perf_counter() - t2)
+    t_prune += t2 - t1
+    masks.append(layer_masks)
+    reports.append(rep)
+    logging.info("%s: layer %d/%d done (stats+forward %.1fs, prune %.1fs)", method, l + 1,
+                 len(layers), t1 - t0 + time.perf_counter() - t2, t2 - t1)
+  new_params = dict(params)
+  new_params["layers"] = stack_layers(layers)
+  timings = {"calibration_forward_s": t_stats, "prune_s": t_prune,
+             "total_s": time.perf_counter() - t_start}
+  return new_params, masks, reports, timings

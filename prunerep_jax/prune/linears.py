@@ -1,0 +1,89 @@
+"""Which linear layers an intra-layer transform touches, and the masks and report it returns.
+
+Intra-layer pruning acts on the seven linears inside every decoder block (attn q/k/v/o, mlp
+gate/up/down), never on embeddings or the LM head. A path filter narrows that set: fnmatch
+patterns over names like "attn/q_proj" or "mlp/down_proj" (e.g. include=("mlp/*",)).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from typing import Optional, Sequence, Union
+
+import jax.numpy as jnp
+import numpy as np
+
+from prunerep_jax import layout
+from prunerep_jax.prune import patterns
+
+Linear = tuple[str, str]  # (sublayer, name), e.g. ("attn", "q_proj")
+
+
+def select(include: Optional[Sequence[str]] = None, method: str = "prune") -> list[Linear]:
+  """The block linears matching any of the fnmatch patterns in `include` (default: all)."""
+  names = [f"{s}/{n}" for s, n in layout.BLOCK_LINEARS]
+  if include is None:
+    return list(layout.BLOCK_LINEARS)
+  if isinstance(include, str):
+    include = (include,)
+  chosen = [lin for lin, name in zip(layout.BLOCK_LINEARS, names)
+            if any(fnmatch.fnmatchcase(name, pat) for pat in include)]
+  if not chosen:
+    raise ValueError(f"{method}: include={tuple(include)!r} matches no linear layer; expected "
+                     f"patterns over {names}")
+  return chosen
+
+
+def as_pattern(pattern: Union[patterns.Pattern, str, float], method: str) -> patterns.Pattern:
+  """Accepts Unstructured/NM, "2:4" / "0.5" strings, or a float sparsity."""
+  if isinstance(pattern, (patterns.Unstructured, patterns.NM)):
+    return pattern
+  if isinstance(pattern, str):
+    return patterns.parse_pattern(pattern)
+  if isinstance(pattern, (int, float)) and not isinstance(pattern, bool):
+    return patterns.Unstructured(float(pattern))
+  raise ValueError(f"{method}: pattern={pattern!r}; expected a sparsity in [0, 1), 'n:m', or a "
+                   "patterns.Unstructured / patterns.NM value")
+
+
+def check_nm_divides(pattern, config, linears: list[Linear], method: str) -> None:
+  if not isinstance(pattern, patterns.NM):
+    return
+  shapes = layout.param_shapes(config)["layers"]
+  for sub, name in linears:
+    d_in = shapes[sub][name]["kernel"][1]
+    if d_in % pattern.m:
+      raise ValueError(f"{method}: pattern {pattern} needs the input dim of {sub}/{name} "
+                       f"({d_in}) to be divisible by m={pattern.m}")
+
+
+def masks_tree(per_layer: list[dict], linears: list[Linear]) -> dict:
+  """[{(sub, name): [I, O] bool}] per layer -> {"layers": {sub: {name: {"kernel": [L, I, O]}}}}."""
+  tree: dict = {}
+  for sub, name in linears:
+    stacked = jnp.stack([m[(sub, name)] for m in per_layer])
+    tree.setdefault(sub, {})[name] = {"kernel": stacked}
+  return {"layers": tree}
+
+
+def sparsity_report(masks: dict, linears: list[Linear]) -> dict:
+  """Per-matrix, per-layer and overall fraction of pruned weights, from stacked masks."""
+  per_matrix, per_layer_pruned, per_layer_total = {}, None, None
+  total_pruned = total = 0
+  for sub, name in linears:
+    m = np.asarray(masks["layers"][sub][name]["kernel"])
+    pruned = (~m).reshape(m.shape[0], -1).sum(axis=1)
+    size = m[0].size
+    for l, p in enumerate(pruned):
+      per_matrix[f"layers/{l}/{sub}/{name}"] = float(p / size)
+    per_layer_pruned = pruned if per_layer_pruned is None else per_layer_pruned + pruned
+    per_layer_total = size if per_layer_total is None else per_layer_total + size
+    total_pruned += int(pruned.sum())
+    total += size * m.shape[0]
+  return {
+      "per_matrix_sparsity": per_matrix,
+      "per_layer_sparsity": [float(p / per_layer_total) for p in per_layer_pruned],
+      "sparsity": total_pruned / total,
+      "pruned_weights": int(total_pruned),
+      "prunable_weights": int(total),
+  }
