@@ -6,3 +6,22 @@ from prunerep_jax.prune.calibrate import Calibration, calibration
 from prunerep_jax.prune.magnitude import magnitude
 from prunerep_jax.prune.sparsegpt import sparsegpt
 from prunerep_jax.prune.wanda import wanda
+from prunerep_jax.prune.drop import drop_blocks, drop_sublayers
+from prunerep_jax.prune.neurons import neurons
+
+# name -> transform, for launchers and configs.
+METHODS = {
+    "magnitude": magnitude,
+    "wanda": wanda,
+    "sparsegpt": sparsegpt,
+    "neurons": neurons,
+    "drop_sublayers": drop_sublayers,
+    "drop_blocks": drop_blocks,
+}
+
+
+def get(method: str):
+  """The transform registered under `method` (see METHODS)."""
+  if method not in METHODS:
+    raise ValueError(f"unknown pruning method {method!r}; expected one of {sorted(METHODS)}")
+  return METHODS[method]

@@ -11,11 +11,15 @@ biases [..., F], with the same keep-mask; these functions touch kernels only.
 
 from __future__ import annotations
 
+import time
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from prunerep_jax.prune import calibrate
 from prunerep_jax.prune import patterns
+from prunerep_jax.prune.result import PruneResult
 
 
 def neuron_scores(w_down: jax.Array, act_sq_sum: jax.Array) -> jax.Array:
@@ -107,3 +111,67 @@ def remove_neurons(w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array, keep):
                      f"{tuple(np.shape(w_gate))}; use mask_neurons for stacked layers")
   idx = np.flatnonzero(np.asarray(keep, bool))
   return w_gate[:, idx], w_up[:, idx], w_down[idx, :]
+
+
+def neurons(params, config, sparsity: float = 0.5, *, calibration=None, remove: bool = True,
+            batch_size: int = 8) -> PruneResult:
+  """Structured MLP pruning: removes the lowest-scoring intermediate channels of every layer.
+
+  Scored sequentially (layer l on the outputs of the already pruned layers 0..l-1) by
+  mean_d |W_down[f, d]| * sum_t a_f(t)^2, with a the input of the down projection.
+
+  Args:
+    params, config: the dense model (not modified).
+    sparsity: fraction of the F channels removed in every layer, in [0, 1).
+    calibration: a `Calibration` or int tokens [N, T].
+    remove: shrink the kernels (config.intermediate_size becomes the kept count) or, if False,
+      zero the dropped channels and keep every shape.
+    batch_size: calibration samples per jitted step.
+
+  Returns:
+    PruneResult; masks["layers"]["mlp"]["channels"] is the [L, F] keep-mask of channels.
+  """
+  t0 = time.perf_counter()
+  sparsity = patterns.check_sparsity(sparsity)
+  calib = calibrate.as_calibration(calibration, config, "neurons")
+  if sparsity == 0.0:
+    keep = jnp.ones((config.num_layers, config.intermediate_size), bool)
+    report = {"method": "neurons", "sparsity": 0.0, "calibration": None, "kept_channels":
+              config.intermediate_size, "timings": {"total_s": time.perf_counter() - t0}}
+    return PruneResult(params, {"layers": {"mlp": {"channels": keep}}}, report, config)
+
+  def prune_layer(l, layer_p, stats, ntokens):
+    del l, ntokens
+    mlp = layer_p["mlp"]
+    keep = neuron_keep(neuron_scores(mlp["down_proj"]["kernel"], stats["down_in"]), sparsity)
+    gate, up, down = mask_neurons(mlp["gate_proj"]["kernel"], mlp["up_proj"]["kernel"],
+                                  mlp["down_proj"]["kernel"], keep)
+    new_mlp = {"gate_proj": dict(mlp["gate_proj"], kernel=gate),
+               "up_proj": dict(mlp["up_proj"], kernel=up),
+               "down_proj": dict(mlp["down_proj"], kernel=down)}
+    for name in ("gate_proj", "up_proj"):  # silu(b_g) * b_u of a dropped channel must vanish too
+      if "bias" in mlp[name]:
+        new_mlp[name]["bias"] = jnp.where(keep, mlp[name]["bias"], 0)
+    return dict(layer_p, mlp=new_mlp), keep, {}
+
+  new_params, keeps, _, timings = calibrate.sequential(
+      params, config, calib, "sq_sum", prune_layer, batch_size=batch_size, method="neurons")
+  keep = jnp.stack(keeps)  # [L, F]
+  new_config = config
+  if remove:
+    idx = jnp.asarray(np.stack([np.flatnonzero(np.asarray(k)) for k in keeps]))  # [L, F']
+    mlp = new_params["layers"]["mlp"]
+    cut = lambda x, ix, axis: jnp.take_along_axis(x, ix, axis=axis)
+    new_mlp = {
+        name: {"kernel": cut(mlp[name]["kernel"], idx[:, None, :], 2),  # [L, D, F']
+               **({"bias": cut(mlp[name]["bias"], idx, 1)} if "bias" in mlp[name] else {})}
+        for name in ("gate_proj", "up_proj")}
+    new_mlp["down_proj"] = dict(mlp["down_proj"],
+                                kernel=cut(mlp["down_proj"]["kernel"], idx[:, :, None], 1))
+    new_params = dict(new_params, layers=dict(new_params["layers"], mlp=new_mlp))
+    new_config = config.replace(intermediate_size=int(idx.shape[1]))
+  report = {"method": "neurons", "sparsity": sparsity, "remove": remove,
+            "calibration": calib.info, "kept_channels": int(np.asarray(keep[0]).sum()),
+            "per_layer_sparsity": [float(1 - np.asarray(k).mean()) for k in keeps],
+            "timings": dict(timings, total_s=time.perf_counter() - t0)}
+  return PruneResult(new_params, {"layers": {"mlp": {"channels": keep}}}, report, new_config)

@@ -1,0 +1,210 @@
+"""Inter-layer pruning: drop whole attention / MLP sublayers or whole blocks.
+
+Importance of a sublayer F with input residual X (PAPER.md, LLM-Drop): the mean over calibration
+tokens of cos(X, X + F(norm(X))) ("residual"), or of cos(norm(X), F(norm(X))) ("no_norm"). The
+most similar (highest cosine) sublayers change the stream least and are dropped first.
+Blocks (ShortGPT's Block Influence): cos(block input, block output); the consecutive variant scores
+each window of n blocks by cos(input of block i, input of block i + n) and drops the best window.
+
+A dropped sublayer must pass the residual stream through unchanged, exactly: its output
+projection (o_proj or down_proj, kernel and bias) is zeroed, so it adds exactly +0.0 to every
+finite residual entry. Dropped blocks are removed from the layer stack, so the pruned model runs
+fewer layers (config.num_layers shrinks) and its forward is proportionally cheaper.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from prunerep_jax import layout
+from prunerep_jax import metrics
+from prunerep_jax import model as M
+from prunerep_jax.config import Config
+from prunerep_jax.prune import calibrate
+from prunerep_jax.prune.result import PruneResult
+
+SUBLAYER_KINDS = ("attn", "mlp", "joint")
+SCORES = ("residual", "no_norm")
+_OUT_PROJ = {"attn": "o_proj", "mlp": "down_proj"}
+
+
+@functools.partial(jax.jit, static_argnums=(1, 3))
+def _cos_sums(params, config, tokens, score):
+  """Sums over the batch's tokens of: sublayer cosines [2L] and block-to-block input cosines.
+
+  Returns (sub [2L], pair [L + 1, L + 1]) where pair[i, j] = sum cos(res[2i], res[2j]) (the
+  stream entering block i vs entering block j; index L is the last block's output).
+  """
+  T = tokens.shape[1]
+  cos_t, sin_t, mask = calibrate._rope_and_mask(config, T)
+  B = tokens.shape[0]
+  cos_t, sin_t = (jnp.broadcast_to(a, (B,) + a.shape[1:]) for a in (cos_t, sin_t))
+  mask = jnp.broadcast_to(mask, (B,) + mask.shape[1:])
+  h = M.embed(params, tokens).astype(M.compute_dtype(params))
+  h_last, residual, _ = M.run_layers(params["layers"], config, h, cos_t, sin_t, mask)
+  residual = jnp.concatenate([residual, h_last[None]], axis=0)  # [2L + 1, B, T, D]
+  before, after = residual[:-1], residual[1:]
+  if score == "residual":
+    sub = metrics.cosine(before, after)
+  else:
+    scales = jnp.stack([params["layers"]["attn_norm"]["scale"],
+                        params["layers"]["mlp_norm"]["scale"]], axis=1).reshape(
+                            2 * config.num_layers, 1, 1, -1)
+    x = before.astype(jnp.float32)
+    normed = x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + config.rms_norm_eps) * scales
+    sub = metrics.cosine(normed, after - before)
+  inputs = residual[::2]  # [L + 1, B, T, D]
+  pair = jax.vmap(lambda a: jax.vmap(lambda b: jnp.sum(metrics.cosine(a, b)))(inputs))(inputs)
+  return jnp.sum(sub, axis=(1, 2)), pair
+
+
+def similarity(params, config: Config, calibration, *, score: str = "residual",
+               batch_size: int = 4, method: str = "similarity") -> dict:
+  """Mean cosine scores over all calibration tokens.
+
+  Returns dict with "attn" [L], "mlp" [L] (sublayer scores of the chosen kind), "block" [L]
+  (cos(block input, block output)) and "pair" [L + 1, L + 1] (cos between block inputs).
+  """
+  if score not in SCORES:
+    raise ValueError(f"{method}: score={score!r}, expected one of {SCORES}")
+  calib = calibrate.as_calibration(calibration, config, method)
+  tokens = jnp.asarray(calib.tokens)
+  sub = pair = 0.0
+  for sl in calibrate._batches(tokens.shape[0], batch_size):
+    s, p = _cos_sums(params, config, tokens[sl], score)
+    sub, pair = sub + s, pair + p
+  n = tokens.size
+  sub, pair = np.asarray(sub) / n, np.asarray(pair) / n
+  L = config.num_layers
+  return {"attn": sub[0::2], "mlp": sub[1::2],
+          "block": np.array([pair[i, i + 1] for i in range(L)]), "pair": pair}
+
+
+def _check_count(n, available: int, what: str, method: str) -> int:
+  if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
+    raise ValueError(f"{method}: n={n!r}, expected an integer count of {what} to drop")
+  if n < 0 or n > available:
+    raise ValueError(f"{method}: n={n} {what} to drop, but the model has {available} that can be "
+                     f"dropped; expected 0 <= n <= {available}")
+  return int(n)
+
+
+def zero_sublayers(params, dropped: list[tuple[int, str]]):
+  """Params with the output projections (kernel and bias) of the given (layer, kind) zeroed."""
+  layers = jax.tree_util.tree_map(lambda x: x, params["layers"])
+  for l, kind in dropped:
+    proj = layers[kind][_OUT_PROJ[kind]]
+    layers[kind][_OUT_PROJ[kind]] = {k: v.at[l].set(0) for k, v in proj.items()}
+  return dict(params, layers=layers)
+
+
+def drop_sublayers(params, config: Config, n: int, *, kind: str = "attn", calibration=None,
+                   iterative: bool = False, score: str = "residual",
+                   batch_size: int = 4) -> PruneResult:
+  """Drops the n most redundant attention and/or MLP sublayers.
+
+  Args:
+    params, config: the dense model (not modified).
+    n: how many sublayers to drop (0 returns the params bit-identical).
+    kind: "attn", "mlp", or "joint" (attention and MLP sublayers ranked together).
+    calibration: a `Calibration` or int tokens [N, T].
+    iterative: drop one, re-score on the pruned model, repeat (else one scoring, top n).
+    score: "residual" (cos(X, X + F(norm X))) or "no_norm" (cos(norm X, F(norm X))).
+    batch_size: calibration samples per jitted scoring step.
+
+  Returns:
+    PruneResult with masks None; report["dropped"] lists {"layer", "sublayer"} in drop order and
+    report["importance"] the scores (per round when iterative).
+  """
+  t0 = time.perf_counter()
+  method = "drop_sublayers"
+  if kind not in SUBLAYER_KINDS:
+    raise ValueError(f"{method}: kind={kind!r}, expected one of {SUBLAYER_KINDS}")
+  if score not in SCORES:
+    raise ValueError(f"{method}: score={score!r}, expected one of {SCORES}")
+  L = config.num_layers
+  kinds = ("attn", "mlp") if kind == "joint" else (kind,)
+  n = _check_count(n, L * len(kinds), f"{kind} sublayers", method)
+  layout.check_params(params, config, source=f"{method}(params)")
+  layout.check_finite(params, source=f"{method}(params)")
+  calib = calibrate.as_calibration(calibration, config, method)
+  dropped: list[tuple[int, str]] = []
+  rounds = []
+  current = params
+  while len(dropped) < n:
+    sims = similarity(current, config, calib, score=score, batch_size=batch_size, method=method)
+    rounds.append({k: [float(v) for v in sims[k]] for k in kinds})
+    candidates = [(float(sims[k][l]), -i, l, k) for i, k in enumerate(kinds) for l in range(L)
+                  if (l, k) not in dropped]
+    candidates.sort(reverse=True)  # highest cosine first; ties: attention, then lower layer
+    take = 1 if iterative else n - len(dropped)
+    chosen = [(l, k) for _, _, l, k in candidates[:take]]
+    dropped.extend(chosen)
+    current = zero_sublayers(params, dropped)
+    if not iterative:
+      break
+  report = {"method": "drop_sublayers", "kind": kind, "n": n, "iterative": iterative,
+            "score": score, "calibration": calib.info if n else None,
+            "importance": rounds if iterative else (rounds[0] if rounds else {}),
+            "dropped": [{"layer": l, "sublayer": k} for l, k in dropped],
+            "timings": {"total_s": time.perf_counter() - t0}}
+  return PruneResult(current if n else params, None, report, config)
+
+
+def remove_blocks(params, config: Config, blocks) -> tuple[dict, Config]:
+  """Params and config without the given block indices (layer stack shortened)."""
+  keep = np.array([l for l in range(config.num_layers) if l not in set(blocks)], np.int32)
+  layers = jax.tree_util.tree_map(lambda x: x[keep], params["layers"])
+  return dict(params, layers=layers), config.replace(num_layers=int(keep.size))
+
+
+def drop_blocks(params, config: Config, n: int, *, calibration=None, consecutive: bool = False,
+                batch_size: int = 4) -> PruneResult:
+  """Drops n whole decoder blocks by Block Influence (ShortGPT).
+
+  Args:
+    params, config: the dense model (not modified).
+    n: blocks to drop, 0 <= n < num_layers (0 returns the params bit-identical).
+    calibration: a `Calibration` or int tokens [N, T].
+    consecutive: drop the window of n consecutive blocks i..i+n-1 whose input and output are most
+      similar (cos(input of block i, input of block i + n)), instead of the n individually most
+      redundant blocks.
+    batch_size: calibration samples per jitted scoring step.
+
+  Returns:
+    PruneResult whose config has num_layers - n layers; masks None.
+  """
+  t0 = time.perf_counter()
+  method = "drop_blocks"
+  L = config.num_layers
+  n = _check_count(n, L - 1, "blocks (at least one must remain)", method)
+  layout.check_params(params, config, source=f"{method}(params)")
+  layout.check_finite(params, source=f"{method}(params)")
+  calib = calibrate.as_calibration(calibration, config, method)
+  if n == 0:
+    report = {"method": "drop_blocks", "n": 0, "consecutive": consecutive, "dropped": [],
+              "calibration": None, "timings": {"total_s": time.perf_counter() - t0}}
+    return PruneResult(params, None, report, config)
+  sims = similarity(params, config, calib, batch_size=batch_size, method=method)
+  if consecutive:
+    window = [float(sims["pair"][i, i + n]) for i in range(L - n + 1)]
+    start = int(np.argmax(window))  # ties: the earliest window
+    blocks = list(range(start, start + n))
+    importance = {"window_start": list(range(L - n + 1)), "cosine": window}
+  else:
+    order = sorted(range(L), key=lambda l: (-sims["block"][l], l))
+    blocks = sorted(order[:n])
+    importance = {"block": [float(v) for v in sims["block"]]}
+  new_params, new_config = remove_blocks(params, config, blocks)
+  report = {"method": "drop_blocks", "n": n, "consecutive": consecutive,
+            "calibration": calib.info, "importance": importance,
+            "dropped": [{"layer": l, "sublayer": "block"} for l in blocks],
+            "num_layers": new_config.num_layers,
+            "timings": {"total_s": time.perf_counter() - t0}}
+  return PruneResult(new_params, None, report, new_config)
