@@ -51,6 +51,7 @@ _HARMLESS_FIELDS = frozenset({
     "output_attentions",
     "output_hidden_states",
     "problem_type",
+    "prunerep_jax",  # export_hf's record of how the model was pruned; the weights say the rest
     "return_dict",
     "tokenizer_class",
     "torch_dtype",
