@@ -90,8 +90,8 @@ def _check_count(n, available: int, what: str, method: str) -> int:
   if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
     raise ValueError(f"{method}: n={n!r}, expected an integer count of {what} to drop")
   if n < 0 or n > available:
-    raise ValueError(f"{method}: n={n} {what} to drop, but the model has {available} that can be "
-                     f"dropped; expected 0 <= n <= {available}")
+    raise ValueError(f"{method}: n={n}, but only {available} {what} can be dropped; expected "
+                     f"0 <= n <= {available}")
   return int(n)
 
 
