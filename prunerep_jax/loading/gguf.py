@@ -20,7 +20,6 @@ import os
 from typing import Any, Optional
 
 import gguf
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -86,25 +85,29 @@ def load_gguf(path: str | os.PathLike, source: Optional[str] = None) -> Model:
   config = config_from_gguf(metadata, tensors, path)
   params = _read_params(tensors, config, path)
   layout.check_params(params, config, source=path)
-  params = jax.tree_util.tree_map(jnp.asarray, params)
+  params = _to_jax(params)
   tokenizer = tokenizer_lib.gguf_tokenizer(path, metadata)
   return Model(config=config, params=params, tokenizer=tokenizer, source=source or path)
 
 
+def _to_jax(tree: dict) -> dict:
+  """numpy leaves -> jnp, in place, one at a time: peak memory is one model plus one tensor."""
+  for key, value in tree.items():
+    tree[key] = _to_jax(value) if isinstance(value, dict) else jnp.asarray(value)
+  return tree
+
+
 def _open(path: str) -> gguf.GGUFReader:
-  """The reader, with its tensor table checked against the file's length."""
+  """The reader; any failure to parse means a truncated or corrupt file."""
   try:
-    reader = gguf.GGUFReader(path)
+    # The reader memmaps the file and reshapes each tensor's slice to its declared size, so a
+    # short file fails here too, not later with silently missing data.
+    return gguf.GGUFReader(path)
   except Exception as e:  # noqa: BLE001 -- the reader fails deep inside numpy on bad bytes
     raise ValueError(
-        f"{path}: not a readable GGUF file ({type(e).__name__}: {e}); it may be truncated or "
-        "corrupt, so re-download or re-convert it") from e
-  for t in reader.tensors:
-    # The reader slices a memmap of the file, which shortens silently past the end of the file.
-    if t.data.nbytes != t.n_bytes:
-      raise ValueError(f"{path}: tensor {t.name} holds {t.data.nbytes} bytes, expected "
-                       f"{t.n_bytes}; the file is truncated or corrupt")
-  return reader
+        f"{path}: not a readable GGUF file ({type(e).__name__}: {e}; the file has "
+        f"{os.path.getsize(path)} bytes); it may be truncated or corrupt, so re-download or "
+        "re-convert it") from e
 
 
 def _read_metadata(reader: gguf.GGUFReader, path: str) -> dict[str, Any]:
@@ -210,7 +213,8 @@ def _check_rope_scaling(metadata: dict, tensors: dict, a: str, path: str) -> Non
     # The converter bakes Llama-3 scaling into per-frequency factors; the parameters that
     # Config.rope_scaling needs are not recoverable from them exactly.
     raise ValueError(f"{path}: tensor rope_freqs.weight (Llama-3 RoPE scaling baked into "
-                     "frequency factors) is not supported; load the Hugging Face checkpoint instead")
+                     "frequency factors) is not supported; load the Hugging Face checkpoint "
+                     "instead")
 
 
 def _read_params(tensors: dict[str, Any], config: Config, path: str) -> dict[str, Any]:
@@ -248,7 +252,7 @@ def _read_params(tensors: dict[str, Any], config: Config, path: str) -> dict[str
         raise ValueError(f"{path}: tensor {name} gives shape {w.shape} for layers/"
                          f"{'/'.join(keys)}, expected {stacked.shape[1:]}")
       stacked[i] = w
-    put(params["layers"] if "layers" in params else params.setdefault("layers", {}), keys, stacked)
+    put(params, ("layers",) + keys, stacked)
 
   unknown = sorted(set(tensors) - expected_names)
   if unknown:
@@ -274,8 +278,8 @@ def _dequantize(tensors: dict[str, Any], name: str, path: str) -> np.ndarray:
     w = gguf.quants.dequantize(t.data, t.tensor_type)
   except NotImplementedError as e:
     raise ValueError(f"{path}: tensor {name} uses quantisation type {t.tensor_type.name}, which "
-                     f"gguf {gguf.__version__ if hasattr(gguf, '__version__') else ''} cannot "
-                     "dequantise; expected F32, F16, BF16, Q4_0..Q8_0 or a K/I-quant") from e
+                     f"the installed gguf package cannot dequantise ({e}); expected a type "
+                     "gguf.quants supports (F32, F16, BF16, Q4_0..Q8_0, K- and I-quants)") from e
   shape = tuple(int(n) for n in reversed(t.shape))
   if w.size != int(np.prod(shape)):
     raise ValueError(f"{path}: tensor {name} dequantises to {w.size} values, expected "
