@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from prunerep_jax.prune import sparsegpt
+from prunerep_jax.prune.sparsegpt import hessian_update, sparsegpt_prune
 from prunerep_jax.prune.patterns import NM, Unstructured
 
 
@@ -67,13 +67,13 @@ def calibration(i, o, tokens=512, dead=None, seed=0, correlation=0.3):
 def hessian_of(x, batches=2):
   h, n = jnp.zeros((x.shape[1],) * 2, jnp.float32), 0
   for chunk in np.array_split(x, batches):
-    h, n = sparsegpt.hessian_update(h, n, chunk)
+    h, n = hessian_update(h, n, chunk)
   return h
 
 
 def assert_close_to_reference(w, x, pattern, blocksize=128):
   h = hessian_of(x)
-  new_w, mask = sparsegpt.sparsegpt_prune(jnp.asarray(w), h, pattern, blocksize=blocksize)
+  new_w, mask = sparsegpt_prune(jnp.asarray(w), h, pattern, blocksize=blocksize)
   if isinstance(pattern, NM):
     kwargs = dict(prunen=pattern.n, prunem=pattern.m)
   else:
@@ -89,7 +89,7 @@ def test_hessian_update_is_running_mean_of_2_x_xT():
   _, x = calibration(16, 1, tokens=96)
   h, n = jnp.zeros((16, 16)), 0
   for chunk in (x[:10], x[10:50].reshape(4, 10, 16), x[50:]):
-    h, n = sparsegpt.hessian_update(h, n, chunk)
+    h, n = hessian_update(h, n, chunk)
   assert n == 96
   x64 = x.astype(np.float64)
   np.testing.assert_allclose(h, 2.0 / 96 * x64.T @ x64, rtol=1e-5, atol=1e-6)
@@ -119,7 +119,7 @@ def test_nm_matches_reference_with_n_of_every_m_zero():
 
 def test_obs_update_beats_masking_alone():
   w, x = calibration(200, 32, seed=1, correlation=2.0)
-  new_w, mask = sparsegpt.sparsegpt_prune(w, hessian_of(x), Unstructured(0.5))
+  new_w, mask = sparsegpt_prune(w, hessian_of(x), Unstructured(0.5))
   err_obs = np.linalg.norm(x @ (np.asarray(new_w) - w))
   err_mask = np.linalg.norm(x @ (np.where(mask, w, 0.0) - w))
   assert err_obs < 0.85 * err_mask  # measured 0.73
@@ -128,7 +128,7 @@ def test_obs_update_beats_masking_alone():
 def test_uncorrelated_inputs_reduce_to_magnitude_per_block_hand_checked():
   # H = Id: Hinv is diagonal, so no weight moves and the score is |w| up to a constant.
   w = jnp.array([[0.9, -0.1], [0.2, 0.7], [-0.3, 0.5], [0.8, 0.4]])
-  new_w, mask = sparsegpt.sparsegpt_prune(w, jnp.eye(4), Unstructured(0.5))
+  new_w, mask = sparsegpt_prune(w, jnp.eye(4), Unstructured(0.5))
   np.testing.assert_array_equal(mask, [[1, 0], [0, 1], [0, 1], [1, 0]])
   np.testing.assert_array_equal(new_w, np.where(mask, w, 0.0))
 
@@ -137,20 +137,20 @@ def test_pruned_weight_error_moves_to_correlated_input_hand_checked():
   # H = [[1, r], [r, 1]] + 0.01 Id; pruning w_0 gives the OBS update w_1 += w_0 * r / 1.01.
   r = 0.5
   h = jnp.array([[1.0, r], [r, 1.0]])
-  new_w, mask = sparsegpt.sparsegpt_prune(jnp.array([[0.1], [1.0]]), h, Unstructured(0.5))
+  new_w, mask = sparsegpt_prune(jnp.array([[0.1], [1.0]]), h, Unstructured(0.5))
   np.testing.assert_array_equal(mask, [[False], [True]])
   np.testing.assert_allclose(new_w, [[0.0], [1.0 + 0.1 * r / 1.01]], rtol=1e-6)
 
 
 def test_returns_the_weight_dtype():
   w = jnp.array([[0.9, -0.1], [0.2, 0.7], [-0.3, 0.5], [0.8, 0.4]], jnp.bfloat16)
-  new_w, _ = sparsegpt.sparsegpt_prune(w, jnp.eye(4), Unstructured(0.5))
+  new_w, _ = sparsegpt_prune(w, jnp.eye(4), Unstructured(0.5))
   assert new_w.dtype == jnp.bfloat16
 
 
 def test_sparsity_zero_returns_weight_bit_identical():
   w, x = calibration(8, 4, dead=2)
-  new_w, mask = sparsegpt.sparsegpt_prune(w, hessian_of(x), Unstructured(0.0))
+  new_w, mask = sparsegpt_prune(w, hessian_of(x), Unstructured(0.0))
   assert bool(mask.all())
   np.testing.assert_array_equal(np.asarray(new_w).view(np.uint32), w.view(np.uint32))
 
@@ -160,8 +160,8 @@ def test_indefinite_hessian_is_retried_with_more_damping():
   v = np.ones(4) / 2.0
   h = jnp.asarray(np.eye(4) - 1.05 * np.outer(v, v), jnp.float32)
   w = jnp.array([[0.9, -0.1], [0.2, 0.7], [-0.3, 0.5], [0.8, 0.4]])
-  new_w, mask = sparsegpt.sparsegpt_prune(w, h, Unstructured(0.5))
-  again = sparsegpt.sparsegpt_prune(w, h, Unstructured(0.5), percdamp=0.1)
+  new_w, mask = sparsegpt_prune(w, h, Unstructured(0.5))
+  again = sparsegpt_prune(w, h, Unstructured(0.5), percdamp=0.1)
   assert np.isfinite(np.asarray(new_w)).all()
   np.testing.assert_array_equal(new_w, again[0])
   np.testing.assert_array_equal(mask, again[1])
@@ -170,7 +170,7 @@ def test_indefinite_hessian_is_retried_with_more_damping():
 def test_hessian_that_no_damping_fixes_raises_naming_the_matrix():
   with pytest.raises(ValueError, match=r"Cholesky of the hessian of layers/0/mlp/up_proj .* "
                                        r"percdamp \[0.01, 0.1, 1.0, 10.0\]"):
-    sparsegpt.sparsegpt_prune(jnp.ones((4, 2)), -jnp.eye(4), Unstructured(0.5),
+    sparsegpt_prune(jnp.ones((4, 2)), -jnp.eye(4), Unstructured(0.5),
                               name="layers/0/mlp/up_proj")
 
 
@@ -189,9 +189,9 @@ def test_rejects_bad_inputs(kwargs, needle):
   args = dict(w=np.ones((4, 2)), hessian=np.eye(4), pattern=Unstructured(0.5))
   args.update(kwargs)
   with pytest.raises(ValueError, match=needle):
-    sparsegpt.sparsegpt_prune(**args)
+    sparsegpt_prune(**args)
 
 
 def test_hessian_update_rejects_mismatched_input():
   with pytest.raises(ValueError, match=r"x must have shape \[..., I\] with I=4, got \(3, 5\)"):
-    sparsegpt.hessian_update(jnp.zeros((4, 4)), 0, np.ones((3, 5)))
+    hessian_update(jnp.zeros((4, 4)), 0, np.ones((3, 5)))

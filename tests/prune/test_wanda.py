@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from prunerep_jax.prune import patterns, wanda
+from prunerep_jax.prune import patterns
+from prunerep_jax.prune.wanda import cumulative_threshold_mask, wanda_mask, wanda_scores
 from prunerep_jax.prune.patterns import NM, Unstructured
 
 
@@ -64,21 +65,21 @@ def random_inputs(i, o, seed=0):
 
 def test_scores_match_reference():
   w, act = random_inputs(32, 8)
-  np.testing.assert_allclose(wanda.wanda_scores(jnp.asarray(w), jnp.asarray(act)),
+  np.testing.assert_allclose(wanda_scores(jnp.asarray(w), jnp.asarray(act)),
                              ref_scores(w.T, act).T, rtol=1e-6)
 
 
 @pytest.mark.parametrize("sparsity", [0.3, 0.5])
 def test_unstructured_matches_reference_with_exact_per_output_count(sparsity):
   w, act = random_inputs(64, 16)
-  mask = np.asarray(wanda.wanda_mask(jnp.asarray(w), jnp.asarray(act), Unstructured(sparsity)))
+  mask = np.asarray(wanda_mask(jnp.asarray(w), jnp.asarray(act), Unstructured(sparsity)))
   np.testing.assert_array_equal(mask, ref_per_row_keep(ref_scores(w.T, act), sparsity).T)
   np.testing.assert_array_equal((~mask).sum(axis=0), int(64 * sparsity))
 
 
 def test_nm_matches_reference():
   w, act = random_inputs(64, 16, seed=1)
-  mask = np.asarray(wanda.wanda_mask(jnp.asarray(w), jnp.asarray(act), NM(4, 8)))
+  mask = np.asarray(wanda_mask(jnp.asarray(w), jnp.asarray(act), NM(4, 8)))
   np.testing.assert_array_equal(mask, ref_nm_keep(ref_scores(w.T, act), 4, 8).T)
   np.testing.assert_array_equal((~mask).reshape(8, 8, 16).sum(axis=1), 4)
 
@@ -88,24 +89,24 @@ def test_activation_norm_changes_the_choice_hand_checked_4x2():
   w = jnp.array([[1.0, -1.0], [2.0, 0.5], [3.0, 2.0], [5.0, 8.0]])
   act = jnp.array([16.0, 1.0, 1.0, 0.25])
   expected = np.array([[1, 1], [0, 0], [1, 0], [0, 1]], bool)
-  np.testing.assert_array_equal(wanda.wanda_mask(w, act, Unstructured(0.5)), expected)
+  np.testing.assert_array_equal(wanda_mask(w, act, Unstructured(0.5)), expected)
 
 
 @pytest.mark.parametrize("sparsity,seed", [(0.5, 0), (0.3, 1)])
 def test_variant_matches_reference(sparsity, seed):
   w, act = random_inputs(64, 16, seed=seed)
-  mask, alpha = wanda.cumulative_threshold_mask(wanda.wanda_scores(w, act), sparsity)
+  mask, alpha = cumulative_threshold_mask(wanda_scores(w, act), sparsity)
   ref_mask, ref_alpha = ref_variant_keep(ref_scores(w.T, act), sparsity)
   np.testing.assert_array_equal(np.asarray(mask), ref_mask.T)
   np.testing.assert_allclose(float(alpha), ref_alpha, rtol=1e-6)
   np.testing.assert_array_equal(
-      wanda.wanda_mask(jnp.asarray(w), jnp.asarray(act), Unstructured(sparsity), use_variant=True),
+      wanda_mask(jnp.asarray(w), jnp.asarray(act), Unstructured(sparsity), use_variant=True),
       mask)
 
 
 def test_variant_reaches_target_with_uneven_outputs():
   w, act = random_inputs(64, 16, seed=3)
-  mask = np.asarray(wanda.wanda_mask(w, act, Unstructured(0.5), use_variant=True))
+  mask = np.asarray(wanda_mask(w, act, Unstructured(0.5), use_variant=True))
   assert abs((~mask).mean() - 0.5) <= 0.001
   assert len(set((~mask).sum(axis=0).tolist())) > 1  # per-output counts differ, unlike plain Wanda
 
@@ -114,16 +115,16 @@ def test_variant_hand_checked_4x2():
   # Column 0 scores {1,2,3,4} (total 10), column 1 {0.1,0.2,0.3,10} (total 10.6). alpha 0.4
   # prunes 2 + 3 = 5/8 > 0.5; alpha 0.2 prunes 1 + 3 = 4/8 and the bisection stops.
   score = jnp.array([[3.0, 0.2], [1.0, 10.0], [4.0, 0.1], [2.0, 0.3]])
-  mask, alpha = wanda.cumulative_threshold_mask(score, 0.5)
+  mask, alpha = cumulative_threshold_mask(score, 0.5)
   np.testing.assert_array_equal(mask, [[1, 0], [0, 1], [1, 0], [1, 0]])
   assert float(alpha) == pytest.approx(0.2)
 
 
 def test_variant_is_per_matrix_over_stacked_layers():
   w, act = random_inputs(32, 8, seed=4)
-  scores = wanda.wanda_scores(w, act)
-  stacked, alphas = wanda.cumulative_threshold_mask(jnp.stack([scores, scores * 3.0]), 0.5)
-  single, alpha = wanda.cumulative_threshold_mask(scores, 0.5)
+  scores = wanda_scores(w, act)
+  stacked, alphas = cumulative_threshold_mask(jnp.stack([scores, scores * 3.0]), 0.5)
+  single, alpha = cumulative_threshold_mask(scores, 0.5)
   np.testing.assert_array_equal(stacked[0], single)
   np.testing.assert_array_equal(stacked[1], single)  # the criterion is scale-free
   assert alphas.shape == (2,) and float(alphas[0]) == float(alpha)
@@ -132,7 +133,7 @@ def test_variant_is_per_matrix_over_stacked_layers():
 def test_sparsity_zero_keeps_weights_bit_identical():
   w, act = random_inputs(8, 4)
   for use_variant in (False, True):
-    mask = wanda.wanda_mask(w, act, Unstructured(0.0), use_variant=use_variant)
+    mask = wanda_mask(w, act, Unstructured(0.0), use_variant=use_variant)
     assert bool(mask.all())
     np.testing.assert_array_equal(np.asarray(patterns.apply_mask(jnp.asarray(w), mask)).view(
         np.uint32), w.view(np.uint32))
@@ -142,25 +143,25 @@ def test_rejects_bad_inputs():
   w, act = random_inputs(8, 4)
   with pytest.raises(ValueError, match=r"act_sq_mean must have shape \[..., I\] = \(8,\) .* "
                                        r"got \(4,\)"):
-    wanda.wanda_mask(w, act[:4], Unstructured(0.5))
+    wanda_mask(w, act[:4], Unstructured(0.5))
   with pytest.raises(ValueError, match="act_sq_mean holds negative values"):
-    wanda.wanda_mask(w, -act, Unstructured(0.5))
+    wanda_mask(w, -act, Unstructured(0.5))
   with pytest.raises(ValueError, match="wanda_scores: w contains 1 NaN"):
-    wanda.wanda_mask(np.where(np.arange(32).reshape(8, 4) == 5, np.nan, w), act, Unstructured(0.5))
+    wanda_mask(np.where(np.arange(32).reshape(8, 4) == 5, np.nan, w), act, Unstructured(0.5))
   with pytest.raises(ValueError, match="act_sq_mean contains 1 NaN"):
-    wanda.wanda_mask(w, np.where(np.arange(8) == 2, np.nan, act), Unstructured(0.5))
+    wanda_mask(w, np.where(np.arange(8) == 2, np.nan, act), Unstructured(0.5))
   with pytest.raises(ValueError, match="use_variant=True needs an Unstructured pattern, got 2:4"):
-    wanda.wanda_mask(w, act, NM(2, 4), use_variant=True)
+    wanda_mask(w, act, NM(2, 4), use_variant=True)
   with pytest.raises(ValueError, match="not divisible by m=8"):
-    wanda.wanda_mask(np.ones((12, 4), np.float32), np.ones(12, np.float32), NM(4, 8))
+    wanda_mask(np.ones((12, 4), np.float32), np.ones(12, np.float32), NM(4, 8))
   with pytest.raises(ValueError, match=r"sparsity must be in \[0, 1\), got 1.5"):
-    wanda.cumulative_threshold_mask(jnp.ones((4, 2)), 1.5)
+    cumulative_threshold_mask(jnp.ones((4, 2)), 1.5)
 
 
 def test_jittable_with_static_pattern():
   w, act = random_inputs(32, 8, seed=6)
-  jitted = jax.jit(wanda.wanda_mask, static_argnames=("pattern", "use_variant"))
+  jitted = jax.jit(wanda_mask, static_argnames=("pattern", "use_variant"))
   for pattern, use_variant in ((Unstructured(0.5), False), (Unstructured(0.5), True)):
     np.testing.assert_array_equal(
         jitted(w, act, pattern=pattern, use_variant=use_variant),
-        wanda.wanda_mask(w, act, pattern, use_variant=use_variant))
+        wanda_mask(w, act, pattern, use_variant=use_variant))
