@@ -4,7 +4,7 @@ r"""Quality of every pruning method on one model: held-out perplexity and next-t
 
 Prints a markdown table (one row per method and setting) for BUILD_NOTES.md, including the
 median forward time of each pruned model on 4 held-out windows relative to the dense model's
-(measured in the same run: block drops run fewer layers; zeroed weights cost the same). Every method
+(calls interleaved: block drops run fewer layers; zeroed weights cost the same). Every method
 shares the same calibration windows (seeded) and the same held-out windows.
 """
 
@@ -42,19 +42,23 @@ ROWS = [
 ]
 
 
-def forward_seconds(params, config, tokens, repeats: int = 3) -> float:
-  """Median wall time of one jitted forward (logits for every position), after a warm-up."""
+def relative_forward_time(dense, pruned, tokens, repeats: int = 5) -> float:
+  """Median forward time of the pruned model over the dense model's, calls interleaved.
+
+  dense, pruned: (params, config) pairs. Alternating the two models' calls exposes both to the
+  same background load; each is compiled (warmed up) first.
+  """
   import numpy as np
   import prunerep_jax as pj
 
-  run = lambda: pj.forward(params, config, tokens, capture=False).logits.block_until_ready()
-  run()
-  times = []
-  for _ in range(repeats):
+  def timed(params, config):
     t0 = time.perf_counter()
-    run()
-    times.append(time.perf_counter() - t0)
-  return float(np.median(times))
+    pj.forward(params, config, tokens, capture=False).logits.block_until_ready()
+    return time.perf_counter() - t0
+
+  timed(*dense), timed(*pruned)
+  pairs = [(timed(*dense), timed(*pruned)) for _ in range(repeats)]
+  return float(np.median([p for _, p in pairs]) / np.median([d for d, _ in pairs]))
 
 
 def main(argv):
@@ -72,7 +76,6 @@ def main(argv):
                                       max_windows=FLAGS.eval_windows or None)
   dense = perplexity(model.params, model.config, heldout)
   probe = heldout[:4]
-  dense_fwd = forward_seconds(model.params, model.config, probe)
   print(f"model {FLAGS.model}; calibration {FLAGS.calibration} {FLAGS.nsamples} x {FLAGS.seqlen} "
         f"(seed 0); held-out {heldout.shape[0]} x {heldout.shape[1]} tokens; "
         f"dense perplexity {dense['ppl']:.3f}\n", flush=True)
@@ -90,7 +93,8 @@ def main(argv):
     seconds = time.perf_counter() - t0
     ppl = perplexity(result.params, result.config, heldout)
     kl = next_token_kl(model.params, result.params, model.config, result.config, heldout)
-    fwd = forward_seconds(result.params, result.config, probe) / dense_fwd
+    fwd = relative_forward_time((model.params, model.config), (result.params, result.config),
+                                probe)
     sparsity = result.report.get("sparsity")
     if sparsity is None:
       sparsity = ", ".join(f"{d['sublayer']}{d['layer']}" for d in result.report["dropped"])
