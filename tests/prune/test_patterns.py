@@ -6,27 +6,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from _references import ref_nm_keep, ref_per_row_keep
 from prunerep_jax.prune import patterns
 from prunerep_jax.prune.patterns import NM, Unstructured
 
 
 # References: written per output row of a torch [O, I] matrix; callers transpose Flax [I, O].
-
-def ref_per_row_keep(s_oi, sparsity):
-  keep = np.ones(s_oi.shape, bool)
-  k = int(s_oi.shape[1] * sparsity)
-  for r in range(s_oi.shape[0]):
-    keep[r, np.argsort(s_oi[r], kind="stable")[:k]] = False
-  return keep
-
-
-def ref_nm_keep(s_oi, n, m):
-  keep = np.ones(s_oi.shape, bool)
-  for r in range(s_oi.shape[0]):
-    for g in range(0, s_oi.shape[1], m):
-      keep[r, g + np.argsort(s_oi[r, g:g + m], kind="stable")[:n]] = False
-  return keep
-
 
 def random_scores(shape, seed=0):
   return np.abs(np.random.default_rng(seed).standard_normal(shape)).astype(np.float32)

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from _references import ref_nm_keep, ref_per_row_keep
 from prunerep_jax.prune import patterns
 from prunerep_jax.prune.wanda import cumulative_threshold_mask, wanda_mask, wanda_scores
 from prunerep_jax.prune.patterns import NM, Unstructured
@@ -12,22 +13,6 @@ from prunerep_jax.prune.patterns import NM, Unstructured
 
 def ref_scores(w_oi, act_sq_mean):
   return np.abs(w_oi.astype(np.float64)) * np.sqrt(act_sq_mean.astype(np.float64))[None, :]
-
-
-def ref_per_row_keep(s_oi, sparsity):
-  keep = np.ones(s_oi.shape, bool)
-  k = int(s_oi.shape[1] * sparsity)
-  for r in range(s_oi.shape[0]):
-    keep[r, np.argsort(s_oi[r], kind="stable")[:k]] = False
-  return keep
-
-
-def ref_nm_keep(s_oi, n, m):
-  keep = np.ones(s_oi.shape, bool)
-  for r in range(s_oi.shape[0]):
-    for g in range(0, s_oi.shape[1], m):
-      keep[r, g + np.argsort(s_oi[r, g:g + m], kind="stable")[:n]] = False
-  return keep
 
 
 def ref_variant_keep(s_oi, sparsity):
