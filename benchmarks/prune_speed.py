@@ -50,9 +50,9 @@ flags.DEFINE_integer("seqlen", 512, "Tokens per calibration window.")
 flags.DEFINE_list("methods", ["wanda", "sparsegpt"], "Methods to time: wanda, sparsegpt.")
 flags.DEFINE_list("frameworks", ["torch", "ours"], "Frameworks to run: torch, ours.")
 flags.DEFINE_float("sparsity", 0.5, "Unstructured sparsity.")
-flags.DEFINE_integer("threads", 2, "CPU threads of both frameworks: torch.set_num_threads, and "
-                     "OMP/MKL/OpenBLAS thread counts in every child (jax's LAPACK calls go "
-                     "through scipy's OpenBLAS); 1 also makes XLA's CPU backend single-threaded.")
+flags.DEFINE_integer("threads", 2, "CPU threads of both frameworks: torch.set_num_threads, XLA's "
+                     "CPU thread pool, and OMP/MKL/OpenBLAS thread counts in every child (jax's "
+                     "LAPACK calls go through scipy's OpenBLAS).")
 flags.DEFINE_boolean("warm", True, "Also time a second call of ours in the same process.")
 flags.DEFINE_boolean("torch_kth_threshold", False, "Torch SparseGPT thresholds at the k-th "
                      "smallest score like ours, instead of the reference's sorted[k] (which prunes "
@@ -121,8 +121,28 @@ class _RssSampler:
 
 # ------------------------------------------------------------------------------ children
 
+def _limit_xla_threads(threads: int) -> None:
+  """Creates jax's CPU backend with `threads` intra-op threads.
+
+  XLA sizes its CPU thread pool from the CPUs this process may run on when the backend is created
+  (XLA_FLAGS such as --xla_cpu_multi_thread_eigen=false leave that pool in use), so the affinity
+  is narrowed for the creation and restored afterwards: the pool keeps its size, and the OS may
+  still move its threads to whichever core is free.
+  """
+  allowed = os.sched_getaffinity(0)
+  if threads >= len(allowed):
+    return
+  os.sched_setaffinity(0, sorted(allowed)[:threads])
+  try:
+    import jax
+    jax.devices()
+  finally:
+    os.sched_setaffinity(0, allowed)
+
+
 def _run_ours(method: str, tokens: np.ndarray) -> tuple[dict, dict]:
   """Times our transform; returns (numbers, block-0 arrays in torch [out, in] layout)."""
+  _limit_xla_threads(FLAGS.threads)
   import jax
   import prunerep_jax as pj
   from benchmarks import torch_prune
@@ -202,13 +222,9 @@ def _thread_env(threads: int) -> dict:
   On a shared machine, spinning BLAS/OpenMP workers that outnumber the free cores slow down by
   large factors, so both frameworks get the same count.
   """
-  env = {name: str(threads) for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS",
-                                         "OPENBLAS_NUM_THREADS")}
-  if threads == 1:
-    flags_ = os.environ.get("XLA_FLAGS", "")
-    env["XLA_FLAGS"] = (flags_ + " --xla_cpu_multi_thread_eigen=false "
-                        "intra_op_parallelism_threads=1").strip()
-  return env
+  # XLA's own pool is sized in the child (`_limit_xla_threads`).
+  return {name: str(threads) for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS",
+                                          "OPENBLAS_NUM_THREADS")}
 
 
 def _launch(framework: str, method: str, tokens_path: str, workdir: str) -> dict:
