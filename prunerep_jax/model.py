@@ -1,7 +1,17 @@
-"""The Llama-family decoder: Flax blocks, a layer stack run as `jax.lax.scan`, full capture.
+"""The Llama-family decoder as pure functions on the params pytree, composed into a layer scan.
 
-`forward(params, config, tokens)` returns logits and the residual stream at every sublayer
-boundary. The same block code serves the KV-cached decoding in `prunerep_jax.decode`.
+The building blocks are public so that calibration, drop scoring and the analyses compose the
+same code instead of rebuilding it:
+
+  make_context / prompt_context   positions -> RoPE tables, validity -> attention mask (once)
+  attention_sublayer              pre-norm attention: residual delta, linear inputs, its cache
+  mlp_sublayer                    pre-norm SwiGLU MLP: residual delta, linear inputs
+  block                           h + attention, then + MLP
+  run_layers                      the L stacked blocks as one `jax.lax.scan`, per-layer caches
+  forward                         logits and the residual stream at every sublayer boundary
+
+`Block` is the same block as a Flax module (it owns one layer's parameters; `init_params` uses
+it). The KV-cached decoding in `prunerep_jax.decode` runs the same functions.
 
 Shape letters: B batch, T query positions, S key slots (cache length), P kept positions,
 D hidden, N query heads, K kv heads, G = N // K, H head_dim, F intermediate, V vocab, L layers.
@@ -18,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from prunerep_jax.config import Config
+from prunerep_jax.layout import param_shapes as layout_shapes
 
 Array = jax.Array
 _MASKED = -1e30  # finite: a fully masked (padding) query row gives a uniform, not NaN, softmax
@@ -65,167 +76,24 @@ def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
   return (x.astype(jnp.float32) * cos + rotated.astype(jnp.float32) * sin).astype(x.dtype)
 
 
-# ------------------------------------------------------------------------------- modules
+# ------------------------------------------------------------------------ shared inputs
 
-class RMSNorm(nn.Module):
-  eps: float
+class Rope(NamedTuple):
+  """RoPE tables of the query positions: cos, sin [B, T, H] float32."""
 
-  @nn.compact
-  def __call__(self, x: Array) -> Array:  # [..., D]
-    scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), jnp.float32)
-    x32 = x.astype(jnp.float32)
-    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-    return scale.astype(x.dtype) * y.astype(x.dtype)
+  cos: Array
+  sin: Array
 
 
-def _dense(features: int, use_bias: bool, name: str, dtype) -> nn.Dense:
-  return nn.Dense(features, use_bias=use_bias, name=name, dtype=dtype, param_dtype=jnp.float32,
-                  precision=_precision(dtype))
+class Context(NamedTuple):
+  """What every layer needs besides its params and the residual stream.
 
-
-class Attention(nn.Module):
-  """Grouped-query attention. With a cache, writes this step's k/v into it and attends over it."""
-
-  config: Config
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x, cos, sin, mask, kv: Optional[tuple] = None):
-    """x [B, T, D]; cos/sin [B, T, H]; mask [B, T, S] bool (True = attend).
-
-    kv: None (keys are this call's T tokens, S == T), or (cache_k, cache_v, layer, index) with
-    caches [L, B, S, K, H]: the new k/v go to slots index..index+T-1 of `layer`.
-    Returns (out [B, T, D], updated (cache_k, cache_v) or None).
-    """
-    c = self.config
-    B, T, _ = x.shape
-    N, K, H = c.num_heads, c.num_kv_heads, c.head_dim
-    q = _dense(N * H, c.qkv_bias, "q_proj", self.dtype)(x).reshape(B, T, N, H)
-    k = _dense(K * H, c.qkv_bias, "k_proj", self.dtype)(x).reshape(B, T, K, H)
-    v = _dense(K * H, c.qkv_bias, "v_proj", self.dtype)(x).reshape(B, T, K, H)
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    new_cache = None
-    if kv is not None:
-      cache_k, cache_v, layer, index = kv
-      zero = jnp.zeros((), jnp.int32)
-      start = (layer, zero, index, zero, zero)
-      cache_k = jax.lax.dynamic_update_slice(cache_k, k[None].astype(cache_k.dtype), start)
-      cache_v = jax.lax.dynamic_update_slice(cache_v, v[None].astype(cache_v.dtype), start)
-      k, v = cache_k[layer], cache_v[layer]
-      new_cache = (cache_k, cache_v)
-    prec = _precision(self.dtype)
-    q = q.reshape(B, T, K, N // K, H)
-    scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k.astype(q.dtype), precision=prec,
-                        preferred_element_type=jnp.float32) / np.sqrt(H).astype(np.float32)
-    scores = jnp.where(mask[:, None, None], scores, _MASKED)
-    probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v.astype(self.dtype), precision=prec)
-    out = _dense(c.hidden_size, c.o_bias, "o_proj", self.dtype)(out.reshape(B, T, N * H))
-    return out, new_cache
-
-
-class MLP(nn.Module):
-  config: Config
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):  # [B, T, D] -> [B, T, D]
-    c = self.config
-    gate = _dense(c.intermediate_size, c.mlp_bias, "gate_proj", self.dtype)(x)
-    up = _dense(c.intermediate_size, c.mlp_bias, "up_proj", self.dtype)(x)
-    return _dense(c.hidden_size, c.mlp_bias, "down_proj", self.dtype)(nn.silu(gate) * up)
-
-
-class Block(nn.Module):
-  """One pre-norm decoder block. Returns (h after MLP, h after attention, cache)."""
-
-  config: Config
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, h, cos, sin, mask, kv=None):
-    eps = self.config.rms_norm_eps
-    a, kv = Attention(self.config, self.dtype, name="attn")(
-        RMSNorm(eps, name="attn_norm")(h), cos, sin, mask, kv)
-    h_attn = h + a
-    h_out = h_attn + MLP(self.config, self.dtype, name="mlp")(RMSNorm(eps, name="mlp_norm")(h_attn))
-    return h_out, h_attn, kv
-
-
-# --------------------------------------------------------------------------- the stack
-
-def compute_dtype(params) -> jnp.dtype:
-  """Activations run in the dtype of the embedding table (fp32 by default, bf16 via `cast`)."""
-  return params["embed"]["embedding"].dtype
-
-
-def cast(params, dtype) -> Any:
-  """Params with every floating leaf cast to `dtype` (e.g. jnp.bfloat16 for bf16 runs)."""
-  return jax.tree_util.tree_map(
-      lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
-
-
-def gather_positions(x: Array, idx: Array) -> Array:
-  """x [B, T, ...] at positions idx [B, P] -> [B, P, ...]."""
-  return jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)
-
-
-def run_layers(layer_params, config: Config, h, cos, sin, mask, *, kv=None, keep_idx=None,
-               capture: bool = True):
-  """Runs the L stacked blocks with `jax.lax.scan`.
-
-  Args:
-    layer_params: params["layers"], every leaf stacked on a leading L axis.
-    h: [B, T, D] residual stream entering block 0.
-    cos, sin: [B, T, H] RoPE tables; mask: [B, T, S] bool.
-    kv: None or (cache_k, cache_v, index) with caches [L, B, S, K, H].
-    keep_idx: None (keep all T) or [B, P] positions whose residual states are captured.
-    capture: whether to return the per-sublayer residual states.
-
-  Returns:
-    (h_out [B, T, D], residual [2L, B, P, D] or None, (cache_k, cache_v) or None), where
-    residual[2l] enters block l and residual[2l + 1] is after its attention.
+  rope: the RoPE tables of the T query positions.
+  mask: [B, T, S] bool, True where query t may attend to key slot s.
   """
-  dtype = h.dtype
-  block = Block(config, dtype)
 
-  def keep(x):
-    return x if keep_idx is None else gather_positions(x, keep_idx)
-
-  def body(carry, xs):
-    h, caches = carry
-    p, layer = xs
-    layer_kv = None if caches is None else (caches[0], caches[1], layer, kv[2])
-    h_out, h_attn, caches = block.apply({"params": p}, h, cos, sin, mask, layer_kv)
-    ys = jnp.stack([keep(h), keep(h_attn)]) if capture else None
-    return (h_out, caches), ys
-
-  caches = None if kv is None else (kv[0], kv[1])
-  layers = jnp.arange(config.num_layers, dtype=jnp.int32)
-  (h, caches), ys = jax.lax.scan(body, (h, caches), (layer_params, layers))
-  residual = None
-  if capture:
-    residual = ys.reshape((2 * config.num_layers,) + ys.shape[2:])
-  return h, residual, caches
-
-
-def embed(params, tokens: Array) -> Array:
-  """tokens [B, T] int -> [B, T, D] in the compute dtype."""
-  return jnp.take(params["embed"]["embedding"], tokens, axis=0)
-
-
-def final_norm(params, config: Config, h: Array) -> Array:
-  return RMSNorm(config.rms_norm_eps).apply({"params": params["final_norm"]}, h)
-
-
-def lm_head(params, config: Config, x: Array) -> Array:
-  """x [..., D] (already final-normed) -> logits [..., V] float32."""
-  if config.tie_word_embeddings:
-    w = params["embed"]["embedding"].T
-  else:
-    w = params["lm_head"]["kernel"]
-  return jnp.einsum("...D,DV->...V", x, w.astype(x.dtype), precision=_precision(x.dtype),
-                    preferred_element_type=jnp.float32)
+  rope: Rope
+  mask: Array
 
 
 def attention_mask_3d(kv_valid: Array, q_slots: Array, config: Config) -> Array:
@@ -246,6 +114,252 @@ def attention_mask_3d(kv_valid: Array, q_slots: Array, config: Config) -> Array:
 def positions_from_mask(mask: Array) -> Array:
   """[B, T] position ids: 0, 1, ... over real tokens (padding gets 0), as HF generate does."""
   return jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=1) - 1, 0)
+
+
+def make_context(config: Config, positions: Array, kv_valid: Array, q_slots: Array) -> Context:
+  """The one place positions become RoPE tables and validity becomes an attention mask.
+
+  Args:
+    positions: [B, T] int RoPE position of each query.
+    kv_valid: [B, S] bool, which key slots hold real tokens.
+    q_slots: [T] int, the key slot of each query (causality and the sliding window).
+  """
+  return Context(Rope(*rope_tables(config, positions)), attention_mask_3d(kv_valid, q_slots, config))
+
+
+def prompt_context(config: Config, mask: Array) -> Context:
+  """Context of a full pass over tokens with padding mask [B, T] (1 = real; either side)."""
+  mask = mask.astype(bool)
+  T = mask.shape[1]
+  slots = jnp.arange(T, dtype=jnp.int32)
+  return make_context(config, positions_from_mask(mask), mask, slots)
+
+
+# ---------------------------------------------------------------------------- sublayers
+
+def rms_norm(scale: Array, x: Array, eps: float) -> Array:
+  """RMSNorm of x [..., D] with scale [D]; statistics in float32, result in x's dtype."""
+  x32 = x.astype(jnp.float32)
+  y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+  return scale.astype(x.dtype) * y.astype(x.dtype)
+
+
+def linear(p: dict, x: Array) -> Array:
+  """x [..., I] @ p["kernel"] [I, O] (+ p["bias"] [O]) in x's dtype."""
+  k = p["kernel"].astype(x.dtype)
+  y = jax.lax.dot_general(x, k, (((x.ndim - 1,), (0,)), ((), ())), precision=_precision(x.dtype))
+  if "bias" in p:
+    y = y + jnp.reshape(p["bias"].astype(x.dtype), (1,) * (y.ndim - 1) + (-1,))
+  return y
+
+
+class LayerCache(NamedTuple):
+  """Keys and values of one layer, k and v [B, S, K, H]; stacked on a leading L axis when it is
+  the cache of a whole model (a scan hands each layer its own slice)."""
+
+  k: Array
+  v: Array
+
+
+class AttnOut(NamedTuple):
+  """delta [B, T, D] added to the residual; inputs {"attn_in": [B, T, D] (normed h, what q/k/v
+  read), "o_in": [B, T, N*H]} when asked, else None; cache the updated LayerCache or None."""
+
+  delta: Array
+  inputs: Optional[dict]
+  cache: Optional[LayerCache]
+
+
+class MLPOut(NamedTuple):
+  """delta [B, T, D]; inputs {"mlp_in": [B, T, D] (normed h), "down_in": [B, T, F]} or None."""
+
+  delta: Array
+  inputs: Optional[dict]
+
+
+def attention_sublayer(p: dict, config: Config, h: Array, ctx: Context, *,
+                       cache: Optional[LayerCache] = None, index: Optional[Array] = None,
+                       inputs: bool = False) -> AttnOut:
+  """Pre-norm grouped-query attention of one layer: what it adds to the residual stream.
+
+  Args:
+    p: one layer's params (leaves without the L axis); reads p["attn_norm"] and p["attn"].
+    h: [B, T, D] residual stream entering the sublayer.
+    ctx: RoPE tables of the T queries and the mask [B, T, S].
+    cache: None (keys are these T tokens, S == T), or this layer's cache [B, S, K, H] into which
+      the new keys and values are written at slots index .. index + T - 1 before attending.
+    index: scalar int32 slot of the first query (with a cache).
+    inputs: also return the inputs of the linears (calibration statistics).
+  """
+  c = config
+  B, T, _ = h.shape
+  N, K, H = c.num_heads, c.num_kv_heads, c.head_dim
+  a = p["attn"]
+  x = rms_norm(p["attn_norm"]["scale"], h, c.rms_norm_eps)
+  q = linear(a["q_proj"], x).reshape(B, T, N, H)
+  k = linear(a["k_proj"], x).reshape(B, T, K, H)
+  v = linear(a["v_proj"], x).reshape(B, T, K, H)
+  q, k = apply_rope(q, *ctx.rope), apply_rope(k, *ctx.rope)
+  new_cache = None
+  if cache is not None:
+    zero = jnp.zeros((), jnp.int32)
+    start = (zero, index, zero, zero)
+    new_cache = LayerCache(jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), start),
+                           jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), start))
+    k, v = new_cache
+  prec = _precision(h.dtype)
+  q = q.reshape(B, T, K, N // K, H)
+  scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k.astype(q.dtype), precision=prec,
+                      preferred_element_type=jnp.float32) / np.sqrt(H).astype(np.float32)
+  scores = jnp.where(ctx.mask[:, None, None], scores, _MASKED)
+  probs = jax.nn.softmax(scores, axis=-1).astype(h.dtype)
+  o_in = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v.astype(h.dtype), precision=prec)
+  o_in = o_in.reshape(B, T, N * H)
+  delta = linear(a["o_proj"], o_in)
+  return AttnOut(delta, {"attn_in": x, "o_in": o_in} if inputs else None, new_cache)
+
+
+def mlp_sublayer(p: dict, config: Config, h: Array, *, inputs: bool = False) -> MLPOut:
+  """Pre-norm SwiGLU MLP of one layer (reads p["mlp_norm"], p["mlp"]); h [B, T, D]."""
+  m = p["mlp"]
+  x = rms_norm(p["mlp_norm"]["scale"], h, config.rms_norm_eps)
+  down_in = jax.nn.silu(linear(m["gate_proj"], x)) * linear(m["up_proj"], x)
+  delta = linear(m["down_proj"], down_in)
+  return MLPOut(delta, {"mlp_in": x, "down_in": down_in} if inputs else None)
+
+
+class BlockOut(NamedTuple):
+  """h_out [B, T, D] after the block; h_attn [B, T, D] after its attention; cache; inputs (the
+  four linear-input groups attn_in, o_in, mlp_in, down_in, when asked)."""
+
+  h_out: Array
+  h_attn: Array
+  cache: Optional[LayerCache]
+  inputs: Optional[dict]
+
+
+def block(p: dict, config: Config, h: Array, ctx: Context, *,
+          cache: Optional[LayerCache] = None, index: Optional[Array] = None,
+          inputs: bool = False) -> BlockOut:
+  """One pre-norm decoder block: h + attention, then + MLP (see the two sublayer functions)."""
+  a = attention_sublayer(p, config, h, ctx, cache=cache, index=index, inputs=inputs)
+  h_attn = h + a.delta
+  m = mlp_sublayer(p, config, h_attn, inputs=inputs)
+  return BlockOut(h_attn + m.delta, h_attn, a.cache, {**a.inputs, **m.inputs} if inputs else None)
+
+
+# ------------------------------------------------------------------------- Flax module
+
+def _init_layer_params(config: Config, key: Array) -> dict:
+  """One layer's params in the layout of `prunerep_jax.layout`: lecun-normal kernels, zero
+  biases, unit norm scales (float32)."""
+  shapes = jax.tree_util.tree_map(lambda s: s[1:], layout_shapes(config)["layers"],
+                                  is_leaf=lambda x: isinstance(x, tuple))
+  flat, treedef = jax.tree_util.tree_flatten_with_path(shapes,
+                                                       is_leaf=lambda x: isinstance(x, tuple))
+  keys = jax.random.split(key, len(flat))
+  kernel_init = nn.initializers.lecun_normal()
+  leaves = []
+  for (path, shape), k in zip(flat, keys):
+    name = str(getattr(path[-1], "key", path[-1]))
+    if name == "kernel":
+      leaves.append(kernel_init(k, shape, jnp.float32))
+    elif name == "scale":
+      leaves.append(jnp.ones(shape, jnp.float32))
+    else:
+      leaves.append(jnp.zeros(shape, jnp.float32))
+  return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+class Block(nn.Module):
+  """The decoder block as a Flax module: it owns the parameters of one layer (in the layout of
+  `prunerep_jax.layout`) and runs the pure `block` function on them."""
+
+  config: Config
+
+  @nn.compact
+  def __call__(self, h: Array, ctx: Context) -> BlockOut:
+    p = self.param("layer", lambda key: _init_layer_params(self.config, key))
+    return block(p, self.config, h, ctx)
+
+  @staticmethod
+  def params_of(variables: dict) -> dict:
+    """The layer params (layout structure) inside this module's variables."""
+    return variables["params"]["layer"]
+
+
+# --------------------------------------------------------------------------- the stack
+
+def compute_dtype(params) -> jnp.dtype:
+  """Activations run in the dtype of the embedding table (fp32 by default, bf16 via `cast`)."""
+  return params["embed"]["embedding"].dtype
+
+
+def cast(params, dtype) -> Any:
+  """Params with every floating leaf cast to `dtype` (e.g. jnp.bfloat16 for bf16 runs)."""
+  return jax.tree_util.tree_map(
+      lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
+
+
+def gather_positions(x: Array, idx: Array) -> Array:
+  """x [B, T, ...] at positions idx [B, P] -> [B, P, ...]."""
+  return jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)
+
+
+def run_layers(layer_params, config: Config, h: Array, ctx: Context, *,
+               cache: Optional[LayerCache] = None, index: Optional[Array] = None,
+               keep_idx: Optional[Array] = None, capture: bool = True):
+  """Runs the L stacked blocks with `jax.lax.scan`, each layer with its own cache slice.
+
+  Args:
+    layer_params: params["layers"], every leaf stacked on a leading L axis.
+    h: [B, T, D] residual stream entering block 0.
+    ctx: the shared `Context` of the T queries.
+    cache: None, or the model's LayerCache with leaves [L, B, S, K, H]: the scan hands layer l
+      its slice and collects the updated slices, so the cache goes in and comes out as a per-layer
+      pytree (no layer index inside the carry).
+    index: scalar int32 slot of the first query (with a cache).
+    keep_idx: None (keep all T) or [B, P] positions whose residual states are captured.
+    capture: whether to return the per-sublayer residual states.
+
+  Returns:
+    (h_out [B, T, D], residual [2L, B, P, D] or None, updated cache or None), where
+    residual[2l] enters block l and residual[2l + 1] is after its attention.
+  """
+
+  def keep(x):
+    return x if keep_idx is None else gather_positions(x, keep_idx)
+
+  def body(h, xs):
+    p, layer_cache = xs
+    out = block(p, config, h, ctx, cache=layer_cache, index=index)
+    ys = (jnp.stack([keep(h), keep(out.h_attn)]) if capture else None, out.cache)
+    return out.h_out, ys
+
+  h, (ys, cache) = jax.lax.scan(body, h, (layer_params, cache))
+  residual = None
+  if capture:
+    residual = ys.reshape((2 * config.num_layers,) + ys.shape[2:])
+  return h, residual, cache
+
+
+def embed(params, tokens: Array) -> Array:
+  """tokens [B, T] int -> [B, T, D] in the compute dtype."""
+  return jnp.take(params["embed"]["embedding"], tokens, axis=0)
+
+
+def final_norm(params, config: Config, h: Array) -> Array:
+  return rms_norm(params["final_norm"]["scale"], h, config.rms_norm_eps)
+
+
+def lm_head(params, config: Config, x: Array) -> Array:
+  """x [..., D] (already final-normed) -> logits [..., V] float32."""
+  if config.tie_word_embeddings:
+    w = params["embed"]["embedding"].T
+  else:
+    w = params["lm_head"]["kernel"]
+  return jnp.einsum("...D,DV->...V", x, w.astype(x.dtype), precision=_precision(x.dtype),
+                    preferred_element_type=jnp.float32)
 
 
 def last_positions(mask: Array) -> Array:
@@ -348,12 +462,10 @@ def _forward(params, config, tokens, mask, keep_idx, mode, capture, want_logits)
     idx = last_positions(mask)
   else:
     idx = keep_idx
-  positions = positions_from_mask(mask)
-  cos, sin = rope_tables(config, positions)
-  attn = attention_mask_3d(mask, jnp.arange(T, dtype=jnp.int32), config)
+  ctx = prompt_context(config, mask)
   h = embed(params, tokens).astype(compute_dtype(params))
   layer_keep = None if mode == "all" else idx
-  h, residual, _ = run_layers(params["layers"], config, h, cos, sin, attn, keep_idx=layer_keep,
+  h, residual, _ = run_layers(params["layers"], config, h, ctx, keep_idx=layer_keep,
                               capture=capture)
   h_kept = h if mode == "all" else gather_positions(h, idx)
   if capture:
@@ -367,12 +479,11 @@ def init_params(config: Config, key: Array, dtype=jnp.float32) -> Any:
   """Random params in the layout of `prunerep_jax.layout` (for tests and tiny experiments)."""
   D = config.hidden_size
   k_embed, k_layers, k_head = jax.random.split(key, 3)
-  block = Block(config)
-  dummy = jnp.zeros((1, 1, D), dtype)
-  cos = sin = jnp.zeros((1, 1, config.head_dim), jnp.float32)
-  mask = jnp.ones((1, 1, 1), bool)
   layer_keys = jax.random.split(k_layers, config.num_layers)
-  layers = jax.vmap(lambda k: block.init(k, dummy, cos, sin, mask)["params"])(layer_keys)
+  ctx = prompt_context(config, jnp.ones((1, 1), bool))
+  module = Block(config)
+  dummy = jnp.zeros((1, 1, D), jnp.float32)
+  layers = jax.vmap(lambda k: Block.params_of(module.init(k, dummy, ctx)))(layer_keys)
   params = {
       "embed": {"embedding": 0.02 * jax.random.normal(k_embed, (config.vocab_size, D))},
       "layers": layers,

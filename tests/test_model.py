@@ -45,10 +45,8 @@ def test_residual_starts_at_embedding_and_ends_at_final_norm_input(params, token
 def test_residual_matches_a_block_by_block_numpy_free_recomputation(params, tokens, full):
   # Run block 1 alone on the captured input and compare with the captured boundaries.
   p1 = jax.tree_util.tree_map(lambda x: x[1], params["layers"])
-  pos = jnp.broadcast_to(jnp.arange(T), (3, T))
-  cos, sin = M.rope_tables(CFG, pos)
-  mask = M.attention_mask_3d(jnp.ones((3, T), bool), jnp.arange(T), CFG)
-  h_out, h_attn, _ = M.Block(CFG).apply({"params": p1}, full.residual[2], cos, sin, mask)
+  ctx = M.prompt_context(CFG, jnp.ones((3, T), bool))
+  h_out, h_attn, _, _ = M.block(p1, CFG, full.residual[2], ctx)
   np.testing.assert_allclose(h_attn, full.residual[3], atol=1e-5)
   np.testing.assert_allclose(h_out, full.residual[4], atol=1e-5)
 
@@ -166,7 +164,7 @@ def test_top_k_one_and_tiny_top_p_are_greedy(params, tokens, greedy):
 def test_top_p_keeps_the_smallest_prefix_reaching_the_mass():
   logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]]))
   keys = jax.random.split(jax.random.key(0), 400)
-  draws = np.asarray(jax.vmap(lambda k: pj.decode.sample(logits, k, 1.0, top_p=0.75))(keys))
+  draws = np.asarray(jax.vmap(lambda k: pj.decode.sample(logits, k, pj.decode.Sampling(1.0, top_p=0.75)))(keys))
   assert set(np.unique(draws)) == {0, 1}
 
 

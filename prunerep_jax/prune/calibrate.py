@@ -21,11 +21,11 @@ import time
 from typing import Any, Callable, Optional
 
 from absl import logging
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from prunerep_jax import batching
 from prunerep_jax import layout
 from prunerep_jax import model as M
 from prunerep_jax.config import Config
@@ -102,40 +102,21 @@ def as_calibration(calib, config: Config, method: str) -> Calibration:
 
 # ------------------------------------------------------------------------- layer functions
 
-def _rope_and_mask(config: Config, T: int):
-  positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (1, T))
-  cos, sin = M.rope_tables(config, positions)
-  mask = M.attention_mask_3d(jnp.ones((1, T), bool), jnp.arange(T, dtype=jnp.int32), config)
-  return cos, sin, mask
-
-
 def _block_with_inputs(layer_p, config: Config, h: Array):
-  """Runs one block on h [B, T, D]; returns (h_out, {group: input [B, T, I]})."""
-  B, T, _ = h.shape
-  cos, sin, mask = _rope_and_mask(config, T)
-  cos, sin = jnp.broadcast_to(cos, (B,) + cos.shape[1:]), jnp.broadcast_to(sin, (B,) + sin.shape[1:])
-  mask = jnp.broadcast_to(mask, (B,) + mask.shape[1:])
-  seen = {}
-  wanted = {v: k for k, v in _GROUP_SOURCE.items()}
-
-  def record(next_fun, args, kwargs, context):
-    if isinstance(context.module, nn.Dense) and context.method_name == "__call__":
-      group = wanted.get(context.module.name)
-      if group is not None:
-        seen[group] = args[0]
-    return next_fun(*args, **kwargs)
-
-  with nn.intercept_methods(record):
-    h_out, _, _ = M.Block(config, h.dtype).apply({"params": layer_p}, h, cos, sin, mask)
-  return h_out, seen
+  """Runs one block on h [B, T, D] (no padding); returns (h_out, {group: input [B, T, I]})."""
+  ctx = M.prompt_context(config, jnp.ones(h.shape[:2], bool))
+  out = M.block(layer_p, config, h, ctx, inputs=True)
+  return out.h_out, out.inputs
 
 
-@functools.partial(jax.jit, static_argnums=(1, 4))
-def _accumulate(layer_p, config, h, stats, kind):
+@functools.partial(jax.jit, static_argnums=(1, 5))
+def _accumulate(layer_p, config, h, weight, stats, kind):
+  """Adds this batch's statistics; rows with weight 0 (batch padding) add exactly zero."""
   _, inputs = _block_with_inputs(layer_p, config, h)
   new = {}
   for group, x in inputs.items():
-    x = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
+    x = x.astype(jnp.float32) * weight[:, None, None]
+    x = x.reshape(-1, x.shape[-1])
     if kind == "sq_sum":
       new[group] = stats[group] + jnp.sum(x * x, axis=0)
     else:
@@ -145,7 +126,8 @@ def _accumulate(layer_p, config, h, stats, kind):
 
 @functools.partial(jax.jit, static_argnums=(1,))
 def _run_block(layer_p, config, h):
-  return _block_with_inputs(layer_p, config, h)[0]
+  ctx = M.prompt_context(config, jnp.ones(h.shape[:2], bool))
+  return M.block(layer_p, config, h, ctx).h_out
 
 
 def _group_dims(config: Config) -> dict[str, int]:
@@ -153,25 +135,20 @@ def _group_dims(config: Config) -> dict[str, int]:
           "down_in": config.intermediate_size}
 
 
-def _batches(n: int, batch_size: int):
-  for start in range(0, n, batch_size):
-    yield slice(start, min(start + batch_size, n))
-
-
 def layer_statistics(layer_p, config: Config, h: Array, kind: str, batch_size: int) -> dict:
   """Sums of the chosen statistic for each input group over all samples of h [N, T, D]."""
   dims = _group_dims(config)
   shape = (lambda d: (d,)) if kind == "sq_sum" else (lambda d: (d, d))
   stats = {g: jnp.zeros(shape(d), jnp.float32) for g, d in dims.items()}
-  for sl in _batches(h.shape[0], batch_size):
-    stats = _accumulate(layer_p, config, h[sl], stats, kind)
+  for b in batching.batches(h.shape[0], batch_size):
+    stats = _accumulate(layer_p, config, h[b.rows], jnp.asarray(b.weight), stats, kind)
   return stats
 
 
 def run_block(layer_p, config: Config, h: Array, batch_size: int) -> Array:
   """h [N, T, D] through one block, in batches."""
-  return jnp.concatenate([_run_block(layer_p, config, h[sl])
-                          for sl in _batches(h.shape[0], batch_size)], axis=0)
+  return jnp.concatenate([_run_block(layer_p, config, h[b.rows])[:b.real]
+                          for b in batching.batches(h.shape[0], batch_size)], axis=0)
 
 
 def unstack_layers(layer_params) -> list:

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from prunerep_jax import batching
 from prunerep_jax import layout
 from prunerep_jax import metrics
 from prunerep_jax import model as M
@@ -34,34 +35,32 @@ SCORES = ("residual", "no_norm")
 _OUT_PROJ = {"attn": "o_proj", "mlp": "down_proj"}
 
 
-@functools.partial(jax.jit, static_argnums=(1, 3))
-def _cos_sums(params, config, tokens, score):
-  """Sums over the batch's tokens of: sublayer cosines [2L] and block-to-block input cosines.
+@functools.partial(jax.jit, static_argnums=(1, 4))
+def _cos_sums(params, config, tokens, weight, score):
+  """Weighted sums over the batch's tokens of: sublayer cosines [2L] and block-input cosines.
 
-  Returns (sub [2L], pair [L + 1, L + 1]) where pair[i, j] = sum cos(res[2i], res[2j]) (the
-  stream entering block i vs entering block j; index L is the last block's output).
+  weight [B] is 1 for real rows and 0 for batch padding. Returns (sub [2L], pair [L + 1, L + 1])
+  where pair[i, j] = sum cos(res[2i], res[2j]) (the stream entering block i vs entering block j;
+  index L is the last block's output).
   """
-  T = tokens.shape[1]
-  cos_t, sin_t, mask = calibrate._rope_and_mask(config, T)
-  B = tokens.shape[0]
-  cos_t, sin_t = (jnp.broadcast_to(a, (B,) + a.shape[1:]) for a in (cos_t, sin_t))
-  mask = jnp.broadcast_to(mask, (B,) + mask.shape[1:])
+  ctx = M.prompt_context(config, jnp.ones(tokens.shape, bool))
   h = M.embed(params, tokens).astype(M.compute_dtype(params))
-  h_last, residual, _ = M.run_layers(params["layers"], config, h, cos_t, sin_t, mask)
+  h_last, residual, _ = M.run_layers(params["layers"], config, h, ctx)
   residual = jnp.concatenate([residual, h_last[None]], axis=0)  # [2L + 1, B, T, D]
   before, after = residual[:-1], residual[1:]
   if score == "residual":
     sub = metrics.cosine(before, after)
   else:
+    # The sublayer's own input: the pre-norm of block l's attention (2l) or MLP (2l + 1).
     scales = jnp.stack([params["layers"]["attn_norm"]["scale"],
                         params["layers"]["mlp_norm"]["scale"]], axis=1).reshape(
                             2 * config.num_layers, 1, 1, -1)
-    x = before.astype(jnp.float32)
-    normed = x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + config.rms_norm_eps) * scales
+    normed = M.rms_norm(scales, before.astype(jnp.float32), config.rms_norm_eps)
     sub = metrics.cosine(normed, after - before)
+  w = weight[:, None]
   inputs = residual[::2]  # [L + 1, B, T, D]
-  pair = jax.vmap(lambda a: jax.vmap(lambda b: jnp.sum(metrics.cosine(a, b)))(inputs))(inputs)
-  return jnp.sum(sub, axis=(1, 2)), pair
+  pair = jax.vmap(lambda a: jax.vmap(lambda b: jnp.sum(metrics.cosine(a, b) * w))(inputs))(inputs)
+  return jnp.sum(sub * w, axis=(1, 2)), pair
 
 
 def similarity(params, config: Config, calibration, *, score: str = "residual",
@@ -74,10 +73,10 @@ def similarity(params, config: Config, calibration, *, score: str = "residual",
   if score not in SCORES:
     raise ValueError(f"{method}: score={score!r}, expected one of {SCORES}")
   calib = calibrate.as_calibration(calibration, config, method)
-  tokens = jnp.asarray(calib.tokens)
+  tokens = np.asarray(calib.tokens)
   sub = pair = 0.0
-  for sl in calibrate._batches(tokens.shape[0], batch_size):
-    s, p = _cos_sums(params, config, tokens[sl], score)
+  for b in batching.batches(tokens.shape[0], batch_size):
+    s, p = _cos_sums(params, config, jnp.asarray(tokens[b.rows]), jnp.asarray(b.weight), score)
     sub, pair = sub + s, pair + p
   n = tokens.size
   sub, pair = np.asarray(sub) / n, np.asarray(pair) / n
