@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import Iterator, NamedTuple
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -38,3 +40,37 @@ def batches(n: int, batch_size: int) -> Iterator[Batch]:
     weight = np.zeros(B, np.float32)
     weight[:real] = 1.0
     yield Batch(rows, weight, real)
+
+
+# At most this many float32 logits ([B, C, V]) live at once inside a jitted reduction: 2**25 is
+# 128 MiB, which a 49k vocabulary at B = 8 reaches at C ~ 85 positions.
+LOGIT_ELEMENTS = 1 << 25
+
+
+def chunk_size(batch: int, positions: int, vocab: int, budget: int = LOGIT_ELEMENTS) -> int:
+  """Positions per chunk so that a [batch, chunk, vocab] float32 array stays within budget."""
+  return max(1, min(positions, budget // max(1, batch * vocab)))
+
+
+def map_chunks(fn, chunk: int, *xs):
+  """fn over position chunks of xs [B, P, ...] (traceable; use inside jit).
+
+  fn takes the chunks [B, C, ...] and returns a pytree of [B, C, ...] arrays; the result has the
+  same pytree with [B, P, ...] leaves. P is padded to a multiple of C with zeros (the padded
+  positions are computed and cut off), so every chunk has one shape and `jax.lax.map` compiles
+  fn once.
+  """
+  B, P = xs[0].shape[:2]
+  n = -(-P // chunk)
+  pad = n * chunk - P
+
+  def to_chunks(x):  # [B, P, ...] -> [n, B, C, ...]
+    x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+    return jnp.moveaxis(x.reshape((B, n, chunk) + x.shape[2:]), 1, 0)
+
+  def from_chunks(y):  # [n, B, C, ...] -> [B, P, ...]
+    y = jnp.moveaxis(y, 0, 1)
+    return y.reshape((B, n * chunk) + y.shape[3:])[:, :P]
+
+  out = jax.lax.map(lambda args: fn(*args), tuple(to_chunks(x) for x in xs))
+  return jax.tree_util.tree_map(from_chunks, out)

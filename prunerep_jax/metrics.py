@@ -46,15 +46,6 @@ def _check_temperature(temperature):
                      "space (greedy decoding is analysed at T = 1)")
 
 
-def kl(z_dense: Array, z_pruned: Array, temperature: float = 1.0) -> Array:
-  """KL(p_dense || p_pruned) in nats from logits [..., V] -> [...]."""
-  _check_temperature(temperature)
-  z_dense, z_pruned = _f32(z_dense, z_pruned)
-  lp = jax.nn.log_softmax(z_dense / temperature, axis=-1)
-  lq = jax.nn.log_softmax(z_pruned / temperature, axis=-1)
-  return jnp.maximum(jnp.sum(jnp.exp(lp) * (lp - lq), axis=-1), 0.0)
-
-
 def _weighted_var(dz: Array, w: Array) -> Array:
   mean = _dot(w, dz)
   return _dot(w, jnp.square(dz - mean[..., None]))
@@ -77,25 +68,179 @@ def cos_p_estimate(z_dense: Array, z_pruned: Array, temperature: float = 1.0) ->
   return _weighted_var(z_pruned - z_dense, r) / (2.0 * temperature**2)
 
 
-def parallel_orthogonal(x: Array, x_pruned: Array) -> dict[str, Array]:
+def parallel_orthogonal(x: Array, x_pruned: Array, d: Array | None = None) -> dict[str, Array]:
   """Split d = x' - x into parts parallel and orthogonal to x. [..., D] -> dict of [...].
 
-  alpha = <d, x> / |x|^2; par = |d_par| / |x|; perp = |d_perp| / |x|.
+  alpha = <d, x> / |x|^2; par = |d_par| / |x| = |alpha|; perp = |d_perp| / |x|;
+  ratio = perp / par (inf when par is 0). Pass d when it is known more accurately than x' - x.
   """
   x, xp = _f32(x, x_pruned)
+  d = xp - x if d is None else jnp.asarray(d, jnp.float32)
   s = jnp.max(jnp.abs(x), axis=-1, keepdims=True)
   s = jnp.where(s > 0, s, 1.0)
-  x, d = x / s, (xp - x) / s
+  x, d = x / s, d / s
   xx = _dot(x, x)
   alpha = _dot(d, x) / jnp.where(xx > 0, xx, 1.0)
-  perp = d - alpha[..., None] * x
+  perp_vec = d - alpha[..., None] * x
   norm_x = jnp.sqrt(xx)
-  return {"alpha": alpha, "par": jnp.abs(alpha),
-          "perp": jnp.sqrt(_dot(perp, perp)) / jnp.where(norm_x > 0, norm_x, 1.0)}
+  par = jnp.abs(alpha)
+  perp = jnp.sqrt(_dot(perp_vec, perp_vec)) / jnp.where(norm_x > 0, norm_x, 1.0)
+  return {"alpha": alpha, "par": par, "perp": perp,
+          "ratio": jnp.where(par > 0, perp / jnp.where(par > 0, par, 1.0), jnp.inf)}
 
 
 def one_minus_cos_estimate(x: Array, x_pruned: Array) -> Array:
   """Theorem 1 exact form: 1 - (1 + rho^2)^(-1/2), rho = |d_perp| / ((1 + alpha) |x|)."""
   po = parallel_orthogonal(x, x_pruned)
-  rho = po["perp"] / (1.0 + po["alpha"])
-  return 1.0 - jax.lax.rsqrt(1.0 + rho * rho)
+  rho2 = jnp.square(po["perp"] / (1.0 + po["alpha"]))
+  root = jnp.sqrt(1.0 + rho2)
+  return rho2 / (root * (1.0 + root))  # = 1 - 1/root, without the cancellation
+
+
+# ------------------------------------------------------------------ accurate small changes
+#
+# Pruning moves representations by little in h and z space, so the interesting quantities
+# (1 - cos, KL) are tiny differences of O(1) numbers. The forms below never subtract two nearly
+# equal O(1) values in float32: they start from the change d itself.
+
+
+def one_minus_cosine(x: Array, x_pruned: Array, d: Array | None = None) -> Array:
+  """1 - cos(x, x') over the last axis, accurate when x' is close to x. [..., D] -> [...].
+
+  Uses the exact identity 1 - cos = |x|^2 |d_perp|^2 / (|x| |x'| (|x| |x'| + <x, x'>)), with
+  d = x' - x (pass it when it is known more accurately than x' - x, e.g. a difference of two
+  sublayer deltas) and d_perp its part orthogonal to x. Zero vectors give 0 (cos defined as 0
+  gives 1 - cos = 1 for a zero vector against a nonzero one).
+  """
+  x, xp = _f32(x, x_pruned)
+  d = xp - x if d is None else jnp.asarray(d, jnp.float32)
+  s = jnp.maximum(jnp.max(jnp.abs(x), axis=-1, keepdims=True),
+                  jnp.max(jnp.abs(xp), axis=-1, keepdims=True))
+  s = jnp.where(s > 0, s, 1.0)
+  x, xp, d = x / s, xp / s, d / s
+  xx, pp = _dot(x, x), _dot(xp, xp)
+  alpha = _dot(d, x) / jnp.where(xx > 0, xx, 1.0)
+  perp = d - alpha[..., None] * x
+  nx, np_ = jnp.sqrt(xx), jnp.sqrt(pp)
+  denom = nx * np_ * (nx * np_ + _dot(x, xp))
+  value = xx * _dot(perp, perp) / jnp.where(denom > 0, denom, 1.0)
+  either_zero = (xx == 0) | (pp == 0)
+  both_zero = (xx == 0) & (pp == 0)
+  return jnp.where(either_zero, jnp.where(both_zero, 0.0, 1.0), value)
+
+
+def kl(z_dense: Array, z_pruned: Array, temperature: float = 1.0) -> Array:
+  """KL(p_dense || p_pruned) in nats, through the identity KL = log E_p[exp(u)] - E_p[u], u = dz / T. [..., V] -> [...].
+
+  With v = u - E_p[u], KL = log E_p[exp(v)] = log1p(E_p[expm1(v)]): for small changes E_p[expm1 v]
+  ~ Var_p(v) / 2 is computed without cancellation, so float32 keeps its relative precision down
+  to KL ~ 1e-12 (the log-softmax difference form bottoms out near 1e-7). For large changes
+  (max |v| > 20) the log-sum-exp form is used instead, which cannot overflow.
+  """
+  _check_temperature(temperature)
+  z_dense, z_pruned = _f32(z_dense, z_pruned)
+  logp = jax.nn.log_softmax(z_dense / temperature, axis=-1)
+  p = jnp.exp(logp)
+  u = (z_pruned - z_dense) / temperature
+  v = u - _dot(p, u)[..., None]
+  small = jnp.max(jnp.abs(v), axis=-1) <= 20.0
+  series = jnp.log1p(_dot(p, jnp.expm1(jnp.minimum(v, 20.0))))
+  lse = jax.nn.logsumexp(logp + v, axis=-1)
+  return jnp.maximum(jnp.where(small, series, lse), 0.0)
+
+
+def one_minus_cos_p(z_dense: Array, z_pruned: Array, temperature: float = 1.0) -> Array:
+  """1 - cos(p, p') with p = softmax(z / T), accurate for small changes. [..., V] -> [...].
+
+  p' - p is formed as p * expm1(log p' - log p), never as a difference of two probabilities.
+  """
+  _check_temperature(temperature)
+  z_dense, z_pruned = _f32(z_dense, z_pruned)
+  lp = jax.nn.log_softmax(z_dense / temperature, axis=-1)
+  lq = jax.nn.log_softmax(z_pruned / temperature, axis=-1)
+  p, q = jnp.exp(lp), jnp.exp(lq)
+  return one_minus_cosine(p, q, p * jnp.expm1(lq - lp))
+
+
+def theorem1_estimate(x: Array, x_pruned: Array) -> Array:
+  """Theorem 1, second order: 1 - cos(x, x + d) ~= |d_perp|^2 / (2 |x|^2). [..., D] -> [...]."""
+  return 0.5 * jnp.square(parallel_orthogonal(x, x_pruned)["perp"])
+
+
+# ------------------------------------------------------------- diagnostics of the logit change
+
+def _dz(z_dense, z_pruned, temperature):
+  z_dense, z_pruned = _f32(z_dense, z_pruned)
+  return z_dense, (z_pruned - z_dense) / temperature
+
+
+def uniform_variance(z_dense: Array, z_pruned: Array, temperature: float = 1.0) -> Array:
+  """Var_uniform(dz) / (2 T^2): the estimate with every vocabulary entry weighted equally.
+
+  (The reference code divides by 2T^2 in one script and not in another; we always do.)
+  """
+  _check_temperature(temperature)
+  _, u = _dz(z_dense, z_pruned, temperature)
+  return jnp.var(u, axis=-1) / 2.0
+
+
+def topk_variance(z_dense: Array, z_pruned: Array, temperature: float = 1.0,
+                  k: int = 5) -> Array:
+  """Var(dz) / (2 T^2) over the dense top-k tokens, weighted by p renormalised on them."""
+  _check_temperature(temperature)
+  z, u = _dz(z_dense, z_pruned, temperature)
+  top_z, idx = jax.lax.top_k(z / temperature, k)
+  w = jax.nn.softmax(top_z, axis=-1)
+  return _weighted_var(jnp.take_along_axis(u, idx, axis=-1), w) / 2.0
+
+
+def mean_abs_dz(z_dense: Array, z_pruned: Array, k: int | None = None) -> Array:
+  """Mean |dz| over the vocabulary, or over the dense top-k tokens when k is given."""
+  z, dz = _dz(z_dense, z_pruned, 1.0)
+  if k is not None:
+    dz = jnp.take_along_axis(dz, jax.lax.top_k(z, k)[1], axis=-1)
+  return jnp.mean(jnp.abs(dz), axis=-1)
+
+
+def rms_dz(z_dense: Array, z_pruned: Array, k: int | None = None) -> Array:
+  """Root mean square of dz over the vocabulary, or over the dense top-k tokens."""
+  z, dz = _dz(z_dense, z_pruned, 1.0)
+  if k is not None:
+    dz = jnp.take_along_axis(dz, jax.lax.top_k(z, k)[1], axis=-1)
+  return jnp.sqrt(jnp.mean(jnp.square(dz), axis=-1))
+
+
+def topk_overlap(z_dense: Array, z_pruned: Array, k: int = 5) -> Array:
+  """|top-k(z) ∩ top-k(z')| / k. [..., V] -> [...]."""
+  a = jax.lax.top_k(jnp.asarray(z_dense, jnp.float32), k)[1]
+  b = jax.lax.top_k(jnp.asarray(z_pruned, jnp.float32), k)[1]
+  return jnp.sum(jnp.any(a[..., :, None] == b[..., None, :], axis=-1), axis=-1) / k
+
+
+def subset(z: Array, token_ids: Array) -> Array:
+  """Logits restricted to a token subset [..., V] -> [..., K]; every distribution metric applied
+  to the result (kl, one_minus_cos_p, ...) is the metric of p renormalised inside the subset."""
+  return jnp.take(jnp.asarray(z, jnp.float32), jnp.asarray(token_ids, jnp.int32), axis=-1)
+
+
+# ------------------------------------------------------------------- token trajectories
+
+def token_agreement(a: Array, b: Array, valid: Array | None = None) -> Array:
+  """Fraction of positions where two token sequences agree. a, b [..., S] -> [...]; positions
+  with valid False (e.g. after EOS) are ignored (0 when none is valid)."""
+  same = (jnp.asarray(a) == jnp.asarray(b)).astype(jnp.float32)
+  if valid is None:
+    return jnp.mean(same, axis=-1)
+  w = jnp.asarray(valid, jnp.float32)
+  n = jnp.sum(w, axis=-1)
+  return jnp.sum(same * w, axis=-1) / jnp.where(n > 0, n, 1.0)
+
+
+def first_divergence(a: Array, b: Array, valid: Array | None = None) -> Array:
+  """Index of the first position where a and b differ, [..., S] -> [...] int32; S (the length)
+  when they never differ within the valid positions."""
+  differ = jnp.asarray(a) != jnp.asarray(b)
+  if valid is not None:
+    differ &= jnp.asarray(valid, bool)
+  S = differ.shape[-1]
+  return jnp.where(jnp.any(differ, axis=-1), jnp.argmax(differ, axis=-1), S).astype(jnp.int32)
