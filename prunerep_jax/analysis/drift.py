@@ -33,7 +33,7 @@ from prunerep_jax.analysis.results import Result, summarize
 from prunerep_jax.config import Config
 
 MODES = ("free", "teacher", "both")
-STEP_METRICS = ("cos_h", "one_minus_cos_h", "cos_z", "one_minus_cos_z", "cos_p",
+STEP_METRICS = ("cos_h", "one_minus_cos_h", "cos_z", "one_minus_cos_z", "rms_dz", "cos_p",
                 "one_minus_cos_p", "cos_p_estimate", "kl", "kl_estimate", "agree")
 
 
@@ -46,6 +46,7 @@ def step_metrics(dense: decode.StepOutput, pruned: decode.StepOutput, tok_dense,
       "one_minus_cos_h": metrics.one_minus_cosine(dense.hidden, pruned.hidden),
       "cos_z": metrics.cosine(zd, zp),
       "one_minus_cos_z": metrics.one_minus_cosine(zd, zp),
+      "rms_dz": metrics.rms_dz(zd, zp),
       "cos_p": metrics.cosine(metrics.probs(zd, temperature), metrics.probs(zp, temperature)),
       "one_minus_cos_p": metrics.one_minus_cos_p(zd, zp, temperature),
       "cos_p_estimate": metrics.cos_p_estimate(zd, zp, temperature),

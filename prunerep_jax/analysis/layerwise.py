@@ -45,7 +45,7 @@ from prunerep_jax.config import Config
 SUBLAYERS = ("attn", "mlp")
 POSITION_METRICS = ("cos_h", "one_minus_cos_h", "alpha_h", "par_h", "perp_h",
                     "cos_z", "one_minus_cos_z", "par_z", "perp_z",
-                    "cos_p", "one_minus_cos_p", "cos_p_estimate", "kl", "kl_estimate",
+                    "rms_dz", "cos_p", "one_minus_cos_p", "cos_p_estimate", "kl", "kl_estimate",
                     "top1_agree")
 
 
@@ -95,7 +95,7 @@ def _compare(params, config: Config, x, x_cf, d, lens: str, temperature: float,
     poz = metrics.parallel_orthogonal(z, z_cf, dz)
     return {"cos_z": metrics.cosine(z, z_cf),
             "one_minus_cos_z": metrics.one_minus_cosine(z, z_cf, dz),
-            "par_z": poz["par"], "perp_z": poz["perp"],
+            "par_z": poz["par"], "perp_z": poz["perp"], "rms_dz": metrics.rms_dz(z, z_cf),
             "cos_p": metrics.cosine(metrics.probs(z, temperature), metrics.probs(z_cf, temperature)),
             "one_minus_cos_p": metrics.one_minus_cos_p(z, z_cf, temperature),
             "cos_p_estimate": metrics.cos_p_estimate(z, z_cf, temperature),
