@@ -265,18 +265,18 @@ def _read_meta(fn: str, directory: str) -> tuple[str, dict]:
   for item, entries in sums.items():
     _check_checksums(entries, f"checksums.{item}", PARAM_DTYPES if item == "params" else ("bool",),
                      bad)
+  implied = layout.flat_shapes(config)
   recorded = {p: tuple(e["shape"]) for p, e in sums["params"].items()}
-  for path, shape in layout.flat_shapes(config).items():
-    if recorded.get(path) != tuple(shape):
-      what = "is not recorded" if path not in recorded else f"is recorded with shape " \
-                                                             f"{recorded[path]}"
-      raise bad("checksums.params", f"the tensors its config implies; tensor {path} {what}, "
-                f"but the config implies shape {tuple(shape)}")
-  unexpected = sorted(set(recorded) - set(layout.flat_shapes(config)))
-  if unexpected:
-    raise bad("checksums.params", f"the tensors its config implies; {unexpected[:5]} are not "
-              "part of it")
+  for path in sorted(set(implied) | set(recorded)):
+    if recorded.get(path) != implied.get(path):
+      raise bad("checksums.params", f"the tensors its config implies; tensor {path} is recorded "
+                f"with {_shape_text(recorded.get(path))}, but the config implies "
+                f"{_shape_text(implied.get(path))}")
   return directory, {**meta, "config": config}
+
+
+def _shape_text(shape: Optional[tuple[int, ...]]) -> str:
+  return "no such tensor" if shape is None else f"shape {shape}"
 
 
 def _config_from_dict(d: Any, bad) -> Config:
