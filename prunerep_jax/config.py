@@ -13,7 +13,7 @@ import math
 import numbers
 from typing import Any, Optional
 
-from prunerep_jax.validate import ArgumentError, fail
+from prunerep_jax.validate import ArgumentError, field_error
 
 FAMILIES = ("llama", "mistral", "qwen2")
 
@@ -21,12 +21,12 @@ FAMILIES = ("llama", "mistral", "qwen2")
 def _positive_number(owner: str, name: str, value: Any) -> None:
   if (isinstance(value, bool) or not isinstance(value, numbers.Real)
       or not math.isfinite(value) or value <= 0):
-    raise fail(owner, name, value, "a positive finite number")
+    raise field_error(owner, name, value, "a positive finite number")
 
 
-def _positive_int(owner: str, name: str, value: Any) -> None:
+def _positive_int(owner: str, name: str, value: Any, expected: str = "a positive integer") -> None:
   if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-    raise fail(owner, name, value, "a positive integer")
+    raise field_error(owner, name, value, expected)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,9 +42,9 @@ class RopeScaling:
     for name in ("factor", "low_freq_factor", "high_freq_factor"):
       _positive_number("RopeScaling", name, getattr(self, name))
     if not self.high_freq_factor > self.low_freq_factor:
-      raise fail("RopeScaling", "high_freq_factor", self.high_freq_factor,
-                 f"a number > low_freq_factor={self.low_freq_factor!r} (the smoothing band "
-                 "between them would be empty or inverted)")
+      raise field_error("RopeScaling", "high_freq_factor", self.high_freq_factor,
+                        f"a number > low_freq_factor={self.low_freq_factor!r} (the smoothing "
+                        "band between them would be empty or inverted)")
     _positive_int("RopeScaling", "original_max_position_embeddings",
                   self.original_max_position_embeddings)
 
@@ -99,34 +99,35 @@ class Config:
 
   def __post_init__(self):
     if self.family not in FAMILIES:
-      raise fail("Config", "family", self.family, f"one of {FAMILIES}")
+      raise field_error("Config", "family", self.family, f"one of {FAMILIES}")
     for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
                  "num_kv_heads", "head_dim", "max_position_embeddings"):
       _positive_int("Config", name, getattr(self, name))
     if self.num_heads % self.num_kv_heads:
       raise ArgumentError(
-          f"Config: num_heads={self.num_heads} is not a multiple of "
-          f"num_kv_heads={self.num_kv_heads}: grouped-query attention needs it to be")
+          f"Config.num_heads={self.num_heads} is not a multiple of "
+          f"Config.num_kv_heads={self.num_kv_heads}: grouped-query attention needs it to be")
     if self.head_dim % 2:
-      raise fail("Config", "head_dim", self.head_dim, "an even number (RoPE rotates pairs)")
+      raise ArgumentError(f"Config.head_dim={self.head_dim}: RoPE needs an even head dimension")
     _positive_number("Config", "rms_norm_eps", self.rms_norm_eps)
     _positive_number("Config", "rope_theta", self.rope_theta)
     if self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):
-      raise fail("Config", "rope_scaling", self.rope_scaling, "None or a RopeScaling")
+      raise field_error("Config", "rope_scaling", self.rope_scaling, "None or a RopeScaling")
     for name in ("tie_word_embeddings", "qkv_bias", "o_bias", "mlp_bias"):
       if not isinstance(getattr(self, name), bool):
-        raise fail("Config", name, getattr(self, name), "True or False")
+        raise field_error("Config", name, getattr(self, name), "True or False")
     if self.sliding_window is not None:
-      _positive_int("Config", "sliding_window", self.sliding_window)
+      _positive_int("Config", "sliding_window", self.sliding_window,
+                    "None or a positive integer")
     V = self.vocab_size
     for name in ("bos_token_id", "pad_token_id"):
       value = getattr(self, name)
       if value is not None and not _is_token_id(value, V):
-        raise fail("Config", name, value, f"None or a token id in [0, {V})")
+        raise field_error("Config", name, value, f"None or a token id in [0, {V})")
     if not isinstance(self.eos_token_ids, tuple) or not all(
         _is_token_id(t, V) for t in self.eos_token_ids):
-      raise fail("Config", "eos_token_ids", self.eos_token_ids,
-                 f"a tuple of token ids in [0, {V})")
+      raise field_error("Config", "eos_token_ids", self.eos_token_ids,
+                        f"a tuple of token ids in [0, {V})")
 
   @property
   def q_size(self) -> int:

@@ -50,6 +50,11 @@ def fail(fn: str, name: str, value: Any, expected: str, *, error=ArgumentError) 
   return error(f"{fn}({name}={_short(value)}): expected {expected}")
 
 
+def field_error(owner: str, name: str, value: Any, expected: str) -> ArgumentError:
+  """The error for a bad field of a value type: `Config.sliding_window=-1: expected ...`."""
+  return ArgumentError(f"{owner}.{name}={_short(value)}: expected {expected}")
+
+
 def is_traced(x: Any) -> bool:
   return isinstance(x, jax.core.Tracer)
 

@@ -1,4 +1,4 @@
-"""Model core: captures, padding, position selection, caching and sampling on a tiny random model."""
+"""Model core: captures, padding, kept positions, caching and sampling on a tiny random model."""
 
 import jax
 import jax.numpy as jnp
