@@ -10,9 +10,23 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Optional
+import numbers
+from typing import Any, Optional
+
+from prunerep_jax.validate import ArgumentError, field_error
 
 FAMILIES = ("llama", "mistral", "qwen2")
+
+
+def _positive_number(owner: str, name: str, value: Any) -> None:
+  if (isinstance(value, bool) or not isinstance(value, numbers.Real)
+      or not math.isfinite(value) or value <= 0):
+    raise field_error(owner, name, value, "a positive finite number")
+
+
+def _positive_int(owner: str, name: str, value: Any, expected: str = "a positive integer") -> None:
+  if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+    raise field_error(owner, name, value, expected)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,6 +38,32 @@ class RopeScaling:
   high_freq_factor: float
   original_max_position_embeddings: int
 
+  def __post_init__(self):
+    for name in ("factor", "low_freq_factor", "high_freq_factor"):
+      _positive_number("RopeScaling", name, getattr(self, name))
+    if not self.high_freq_factor > self.low_freq_factor:
+      raise field_error("RopeScaling", "high_freq_factor", self.high_freq_factor,
+                        f"a number > low_freq_factor={self.low_freq_factor!r} (the smoothing "
+                        "band between them would be empty or inverted)")
+    _positive_int("RopeScaling", "original_max_position_embeddings",
+                  self.original_max_position_embeddings)
+
+  @classmethod
+  def from_dict(cls, d: Any, where: str = "RopeScaling.from_dict(d)") -> "RopeScaling":
+    """From a dict holding exactly the four fields (as `Config.to_dict` writes them)."""
+    fields = [f.name for f in dataclasses.fields(cls)]
+    if not isinstance(d, dict):
+      raise ArgumentError(f"{where}: expected a dict with keys {fields}; got {_type(d)}")
+    unknown, missing = sorted(set(d) - set(fields)), [f for f in fields if f not in d]
+    if unknown or missing:
+      raise ArgumentError(f"{where}: expected exactly the keys {fields}; unknown {unknown}, "
+                          f"missing {missing}")
+    return cls(**d)
+
+
+def _type(value: Any) -> str:
+  return type(value).__name__
+
 
 @dataclasses.dataclass(frozen=True)
 class Config:
@@ -31,6 +71,9 @@ class Config:
 
   Shapes elsewhere use: V vocab_size, D hidden_size, F intermediate_size, L num_layers,
   N num_heads, K num_kv_heads, H head_dim.
+
+  Every field is checked on construction (type and range; special token ids inside [0, V)), so a
+  Config that exists is one the model can run.
   """
 
   family: str
@@ -56,27 +99,35 @@ class Config:
 
   def __post_init__(self):
     if self.family not in FAMILIES:
-      raise ValueError(f"Config.family={self.family!r}: expected one of {FAMILIES}")
+      raise field_error("Config", "family", self.family, f"one of {FAMILIES}")
     for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
                  "num_kv_heads", "head_dim", "max_position_embeddings"):
-      value = getattr(self, name)
-      if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ValueError(f"Config.{name}={value!r}: expected a positive integer")
+      _positive_int("Config", name, getattr(self, name))
     if self.num_heads % self.num_kv_heads:
-      raise ValueError(
+      raise ArgumentError(
           f"Config.num_heads={self.num_heads} is not a multiple of "
           f"Config.num_kv_heads={self.num_kv_heads}: grouped-query attention needs it to be")
     if self.head_dim % 2:
-      raise ValueError(f"Config.head_dim={self.head_dim}: RoPE needs an even head dimension")
-    if not (self.rms_norm_eps > 0 and math.isfinite(self.rms_norm_eps)):
-      raise ValueError(f"Config.rms_norm_eps={self.rms_norm_eps!r}: expected a positive float")
-    if not (self.rope_theta > 0 and math.isfinite(self.rope_theta)):
-      raise ValueError(f"Config.rope_theta={self.rope_theta!r}: expected a positive float")
-    if self.sliding_window is not None and self.sliding_window <= 0:
-      raise ValueError(
-          f"Config.sliding_window={self.sliding_window!r}: expected None or a positive integer")
-    if not isinstance(self.eos_token_ids, tuple):
-      raise ValueError(f"Config.eos_token_ids={self.eos_token_ids!r}: expected a tuple of ints")
+      raise ArgumentError(f"Config.head_dim={self.head_dim}: RoPE needs an even head dimension")
+    _positive_number("Config", "rms_norm_eps", self.rms_norm_eps)
+    _positive_number("Config", "rope_theta", self.rope_theta)
+    if self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):
+      raise field_error("Config", "rope_scaling", self.rope_scaling, "None or a RopeScaling")
+    for name in ("tie_word_embeddings", "qkv_bias", "o_bias", "mlp_bias"):
+      if not isinstance(getattr(self, name), bool):
+        raise field_error("Config", name, getattr(self, name), "True or False")
+    if self.sliding_window is not None:
+      _positive_int("Config", "sliding_window", self.sliding_window,
+                    "None or a positive integer")
+    V = self.vocab_size
+    for name in ("bos_token_id", "pad_token_id"):
+      value = getattr(self, name)
+      if value is not None and not _is_token_id(value, V):
+        raise field_error("Config", name, value, f"None or a token id in [0, {V})")
+    if not isinstance(self.eos_token_ids, tuple) or not all(
+        _is_token_id(t, V) for t in self.eos_token_ids):
+      raise field_error("Config", "eos_token_ids", self.eos_token_ids,
+                        f"a tuple of token ids in [0, {V})")
 
   @property
   def q_size(self) -> int:
@@ -96,14 +147,33 @@ class Config:
     return d
 
   @classmethod
-  def from_dict(cls, d: dict) -> "Config":
+  def from_dict(cls, d: Any) -> "Config":
+    """The Config that `to_dict` wrote. Raises ArgumentError (a ValueError) naming the field for
+    a non-dict, unknown or missing fields, a malformed rope_scaling and wrongly typed values."""
+    where = "Config.from_dict(d)"
+    if not isinstance(d, dict):
+      raise ArgumentError(f"{where}: expected a dict of Config fields (as Config.to_dict writes "
+                          f"it); got {_type(d)}")
     d = dict(d)
-    fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - fields)
+    fields = [f.name for f in dataclasses.fields(cls)]
+    required = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING]
+    unknown = sorted(set(d) - set(fields))
     if unknown:
-      raise ValueError(f"Config.from_dict: unknown fields {unknown}; expected a subset of "
-                       f"{sorted(fields)}")
+      raise ArgumentError(f"{where}: unknown fields {unknown}; expected a subset of {fields}")
+    missing = [f for f in required if f not in d]
+    if missing:
+      raise ArgumentError(f"{where}: missing fields {missing}")
     if d.get("rope_scaling") is not None:
-      d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
-    d["eos_token_ids"] = tuple(d.get("eos_token_ids", ()))
+      d["rope_scaling"] = RopeScaling.from_dict(d["rope_scaling"], f"{where}['rope_scaling']")
+    if "eos_token_ids" in d:
+      eos = d["eos_token_ids"]
+      if not isinstance(eos, (list, tuple)):
+        raise ArgumentError(f"{where}: field eos_token_ids={eos!r}: expected a list of token "
+                            "ids")
+      d["eos_token_ids"] = tuple(eos)
     return cls(**d)
+
+
+def _is_token_id(value: Any, vocab_size: int) -> bool:
+  return (isinstance(value, numbers.Integral) and not isinstance(value, bool)
+          and 0 <= value < vocab_size)

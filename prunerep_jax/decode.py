@@ -19,13 +19,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import flax.struct
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from prunerep_jax import model as M
 from prunerep_jax import validate
@@ -275,9 +273,15 @@ class Generation(NamedTuple):
 
 
 def left_align(tokens: Array, mask: Array) -> tuple[Array, Array]:
-  """Moves each row's padding to the left, keeping token order (works for any padding side)."""
-  order = jnp.argsort(mask.astype(jnp.int32), axis=1, stable=True)
-  return jnp.take_along_axis(tokens, order, axis=1), jnp.take_along_axis(mask, order, axis=1)
+  """Moves each row's padding to the left, keeping token order (works for any padding side).
+
+  tokens [B, T]; mask [B, T] 0/1 (1 = real token; `generate` has validated it). Rows are sorted
+  on `mask != 0` alone, so the mask's values can never reorder the tokens.
+  Returns (tokens [B, T], mask [B, T] int32 0/1).
+  """
+  real = (mask != 0).astype(jnp.int32)
+  order = jnp.argsort(real, axis=1, stable=True)
+  return jnp.take_along_axis(tokens, order, axis=1), jnp.take_along_axis(real, order, axis=1)
 
 
 def generate(params, config: Config, prompt_tokens, max_new_tokens: int, *, prompt_mask=None,
@@ -287,60 +291,72 @@ def generate(params, config: Config, prompt_tokens, max_new_tokens: int, *, prom
              capture: Sequence[str] = (), observe: Optional[Observe] = None) -> Generation:
   """Prefill, then a fixed-length `jax.lax.scan` over decoding steps with a KV cache.
 
+  Every argument is checked once on the host before anything is traced (see
+  `prunerep_jax.validate`); scalars may be Python or NumPy numbers.
+
   Args:
-    params, config: the model.
-    prompt_tokens: int [B, T]; rows of different lengths are padded (either side) and
-      described by `prompt_mask` [B, T] (1 = real token).
-    max_new_tokens: number of decoding steps S (static).
+    params, config: the model; params must match config's layout (shapes only).
+    prompt_tokens: integer ids [B, T] in [0, V); rows of different lengths are padded (either
+      side) and described by `prompt_mask` [B, T] (bool or integer 0/1, 1 = real token, at
+      least one per row).
+    max_new_tokens: number of decoding steps S (static), an integer >= 1 with
+      T + S <= config.max_position_embeddings.
     temperature: 0 for greedy, > 0 to sample from softmax(logits / temperature).
-    top_k, top_p: optional truncation of the sampling distribution.
-    seed: step i samples with `fold_in(key(seed), i)`, so two models given the same seed draw
-      with the same randomness.
-    eos_token_ids: tokens that end a row (default: config.eos_token_ids; () disables).
-    pad_id: token written after a row has ended (default: config.pad_token_id, else 0).
-    capture: any of "hidden", "logits", "logprobs": per-step arrays to return.
+    top_k, top_p: optional truncation of the sampling distribution (top_k in [1, V], top_p in
+      (0, 1]).
+    seed: an integer in [0, 2**32); step i samples with `fold_in(key(seed), i)`, so two models
+      given the same seed draw with the same randomness.
+    eos_token_ids: token ids that end a row (default: config.eos_token_ids; () disables).
+    pad_id: token id written after a row has ended (default: config.pad_token_id, else 0).
+    capture: a tuple of any of "hidden", "logits", "logprobs": per-step arrays to return.
     observe: optional ``observe(out: StepOutput, token [B], valid [B]) -> pytree`` evaluated
       inside the decoding scan at every step (see `rollout`); its results come back in
       `Generation.observed`. Reduce there (e.g. an entropy per step) to keep memory O(steps).
       The function is a static argument: pass the same function object to reuse the compilation.
+
+  Raises:
+    ArgumentError (a ValueError) naming the argument, the value and what was expected.
   """
-  prompt_tokens = jnp.asarray(prompt_tokens)
-  M._check_tokens(prompt_tokens, config)
+  fn = "generate"
+  validate.params(fn, params, config)
+  V = config.vocab_size
+  prompt_tokens = validate.tokens(fn, prompt_tokens, V, name="prompt_tokens")
   B, T = prompt_tokens.shape
-  mask = jnp.ones((B, T), jnp.int32) if prompt_mask is None else jnp.asarray(prompt_mask)
-  if mask.shape != prompt_tokens.shape:
-    raise ValueError(f"prompt_mask: shape {tuple(mask.shape)} does not match prompt_tokens "
-                     f"{tuple(prompt_tokens.shape)}")
-  lengths = np.asarray(mask).astype(bool).sum(axis=1)
-  if (lengths == 0).any():
-    raise ValueError(f"prompt_mask: rows {np.flatnonzero(lengths == 0).tolist()} have no real "
-                     "token; every prompt needs at least one")
-  if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
-    raise ValueError(f"max_new_tokens={max_new_tokens!r}: expected an integer >= 1")
-  if not (isinstance(temperature, (int, float)) and math.isfinite(temperature)
-          and temperature >= 0):
-    raise ValueError(f"temperature={temperature!r}: expected a finite number >= 0 "
-                     "(0 means greedy)")
-  if top_k is not None and not (isinstance(top_k, int) and 1 <= top_k <= config.vocab_size):
-    raise ValueError(f"top_k={top_k!r}: expected None or an integer in [1, {config.vocab_size}]")
-  if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
-    raise ValueError(f"top_p={top_p!r}: expected None or a number in (0, 1]")
-  unknown = sorted(set(capture) - set(CAPTURES))
-  if unknown:
-    raise ValueError(f"capture={tuple(capture)!r}: unknown entries {unknown}; expected a subset "
-                     f"of {CAPTURES}")
-  eos = tuple(config.eos_token_ids if eos_token_ids is None else (int(t) for t in eos_token_ids))
+  mask = validate.mask(fn, "prompt_mask", prompt_mask, (B, T))
+  steps = validate.integer(fn, "max_new_tokens", max_new_tokens, minimum=1)
+  limit = config.max_position_embeddings
+  if T + steps > limit:
+    raise validate.fail(
+        fn, "max_new_tokens", max_new_tokens,
+        f"at most {limit - T}: prompt length {T} + max_new_tokens must not exceed "
+        f"config.max_position_embeddings={limit}")
+  if validate.is_traced(temperature):
+    raise validate.fail(fn, "temperature", temperature,
+                        "a concrete number (it is static in generate's compiled scan)")
+  temperature = validate.temperature(fn, temperature, allow_zero=True)
+  if top_k is not None:
+    top_k = validate.integer(fn, "top_k", top_k, minimum=1, maximum=V,
+                             expected=f"None or an integer in [1, {V}]")
+  if top_p is not None:
+    top_p = validate.number(fn, "top_p", top_p, minimum=0.0, maximum=1.0, min_open=True,
+                            expected="None or a number in (0, 1]")
+  seed = validate.seed(fn, seed)
+  capture = validate.names(fn, "capture", capture, CAPTURES)
+  if eos_token_ids is None:
+    eos = config.eos_token_ids
+  else:
+    eos = validate.token_ids(fn, "eos_token_ids", eos_token_ids, V)
   if pad_id is None:
     pad_id = config.pad_token_id if config.pad_token_id is not None else 0
-  if T + max_new_tokens > config.max_position_embeddings:
-    # RoPE itself works past it, but the model was not trained there; warn rather than refuse.
-    import warnings
-    warnings.warn(f"prompt length {T} + max_new_tokens {max_new_tokens} exceeds "
-                  f"max_position_embeddings={config.max_position_embeddings}", stacklevel=2)
-  tokens, mask = left_align(prompt_tokens.astype(jnp.int32), mask.astype(jnp.int32))
-  sampling = Sampling(float(temperature), top_k, None if top_p is None else float(top_p))
-  stopping = Stopping(eos, int(pad_id))
-  out = _generate(params, config, tokens, mask, jnp.asarray(seed, jnp.uint32), int(max_new_tokens),
+  else:
+    pad_id = validate.token_id(fn, "pad_id", pad_id, V)
+  if observe is not None and not callable(observe):
+    raise validate.fail(fn, "observe", observe, "None or a function (StepOutput, token, valid) "
+                        "-> pytree", error=TypeError)
+  tokens, mask = left_align(prompt_tokens, mask)
+  sampling = Sampling(temperature, top_k, top_p)
+  stopping = Stopping(tuple(eos), int(pad_id))
+  out = _generate(params, config, tokens, mask, jnp.asarray(seed, jnp.uint32), steps,
                   sampling, stopping, tuple(c for c in CAPTURES if c in capture), observe)
   return out._replace(prompt_tokens=tokens, prompt_mask=mask)
 

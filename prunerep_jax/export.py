@@ -9,6 +9,12 @@ the same weights (bit-identical for float32 exports)::
   DIR/model-0000k-of-0000n.safetensors    model.safetensors.index.json
   DIR/tokenizer files                   when a tokenizer is given
 
+The directory is written through `prunerep_jax.atomic.staged_directory`: every argument is checked
+first (params against the config, finiteness in one jitted reduction, the destination writable),
+then the files are written into a hidden sibling, given the usual umask modes (safetensors writes
+0600 on its own), fsynced and swapped into place, so a crash never leaves a partial checkpoint
+and an overwrite never loses the previous one.
+
 Pruned models export as plain dense models: a dropped sublayer is a zeroed output projection, a
 dropped block is simply absent (fewer layers), unstructured zeros are stored as zeros. What was
 pruned can be recorded under an extra config.json key (``extra_config={"prunerep_jax": ...}``),
@@ -26,8 +32,7 @@ import ml_dtypes
 import numpy as np
 from safetensors.numpy import save_file
 
-from prunerep_jax import layout
-from prunerep_jax.checkpoint import staged_directory
+from prunerep_jax import atomic, layout, validate
 from prunerep_jax.config import Config
 from prunerep_jax.loading import hf
 
@@ -215,7 +220,7 @@ def export_hf(directory: str, params: Any, config: Config, tokenizer: Any = None
 
   Args:
     directory: destination; must not exist unless overwrite=True. Everything is written to a
-      hidden sibling first and renamed into place, so a crash never leaves a partial checkpoint.
+      hidden sibling first and swapped into place, so a crash never leaves a partial checkpoint.
     params: params pytree in the layout of `prunerep_jax.layout` (NumPy or JAX arrays, any float
       dtype), checked against `config`.
     config: the model's `Config` (for a block-dropped model, the one with fewer layers).
@@ -232,7 +237,9 @@ def export_hf(directory: str, params: Any, config: Config, tokenizer: Any = None
     The absolute path of the written directory.
 
   Raises:
-    FileExistsError: `directory` exists and overwrite is False.
+    FileExistsError: `directory` exists and overwrite is False (or it is a file or symlink).
+    NotADirectoryError, PermissionError: `directory` cannot be created (errors name it, never
+      the hidden staging sibling).
     ValueError: params do not match `config` or hold NaN/Inf, the config is not expressible by
       its family's transformers class, or a bad dtype / extra_config / max_shard_size.
     TypeError: `tokenizer` has no save_pretrained.
@@ -245,10 +252,11 @@ def export_hf(directory: str, params: Any, config: Config, tokenizer: Any = None
     raise TypeError(f"export_hf(tokenizer={type(tokenizer).__name__}): expected a transformers "
                     "tokenizer with save_pretrained, or None")
   # Every check runs before the staging directory exists: bad input leaves no trace on disk.
+  directory = atomic.check_destination(directory, overwrite=overwrite, caller="export_hf")
   hf_config = hf_config_dict(config, dtype, extra_config)
-  layout.check_params(params, config, source="export_hf(params)")
+  validate.params("export_hf", params, config, finite=True)
 
-  with staged_directory(directory, overwrite=overwrite, caller="export_hf") as stage:
+  with atomic.staged_directory(directory, overwrite=overwrite, caller="export_hf") as stage:
     shards: list[tuple[str, list[str], int]] = []  # (temporary file, tensor names, bytes)
     pending: dict[str, np.ndarray] = {}
     pending_bytes = 0
@@ -260,11 +268,8 @@ def export_hf(directory: str, params: Any, config: Config, tokenizer: Any = None
       shards.append((part, list(pending), pending_bytes))
       pending, pending_bytes = {}, 0
 
-    for name, path, array in _hf_tensors(params, config):
+    for name, _, array in _hf_tensors(params, config):
       array = np.ascontiguousarray(np.asarray(array).astype(np_dtype, copy=False))
-      if not np.isfinite(array.astype(np.float32, copy=False)).all():
-        raise ValueError(f"export_hf(params): tensor {path} (HF {name}) contains NaN or Inf; "
-                         "the loader would refuse the checkpoint")
       if pending and pending_bytes + array.nbytes > shard_bytes:
         flush()
       pending[name] = array
@@ -287,4 +292,4 @@ def export_hf(directory: str, params: Any, config: Config, tokenizer: Any = None
       f.write("\n")
     if tokenizer is not None:
       tokenizer.save_pretrained(stage)
-  return os.path.abspath(os.fspath(directory))
+  return directory

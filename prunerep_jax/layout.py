@@ -22,11 +22,13 @@ same structure.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
 import numpy as np
 
+from prunerep_jax import validate
 from prunerep_jax.config import Config
 
 # The linear layers inside a decoder block, by (sublayer, name): what intra-layer pruning touches.
@@ -77,29 +79,34 @@ def path_str(path) -> str:
 
 def flat_shapes(config: Config) -> dict[str, tuple[int, ...]]:
   """{'layers/attn/q_proj/kernel': (L, D, N*H), ...} for every tensor of the layout."""
+  return dict(_flat_shapes(config))
+
+
+@functools.lru_cache(maxsize=64)
+def _flat_shapes(config: Config) -> tuple[tuple[str, tuple[int, ...]], ...]:
+  # cached: `forward` checks params against it on every call
   flat = jax.tree_util.tree_flatten_with_path(
       param_shapes(config), is_leaf=lambda x: isinstance(x, tuple))[0]
-  return {path_str(p): s for p, s in flat}
+  return tuple((path_str(p), s) for p, s in flat)
 
 
 def check_params(params: Any, config: Config, source: str = "params") -> None:
-  """Raises ValueError naming the first missing, extra, mis-shaped or non-finite tensor."""
-  expected = flat_shapes(config)
+  """Raises ValueError naming the first missing, extra or mis-shaped tensor (shapes only)."""
+  expected = _flat_shapes(config)
   got = {path_str(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
-  missing = sorted(set(expected) - set(got))
+  missing = sorted(set(dict(expected)) - set(got))
   if missing:
-    raise ValueError(f"{source}: missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-  extra = sorted(set(got) - set(expected))
+    raise ValueError(f"{source}: missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}"
+                     " for this config")
+  extra = sorted(set(got) - set(dict(expected)))
   if extra:
     raise ValueError(f"{source}: unexpected tensors {extra[:5]} for this config")
-  for path, shape in expected.items():
-    if tuple(got[path].shape) != tuple(shape):
-      raise ValueError(f"{source}: tensor {path} has shape {tuple(got[path].shape)}, "
-                       f"expected {tuple(shape)}")
+  for path, shape in expected:
+    if tuple(np.shape(got[path])) != tuple(shape):
+      raise ValueError(f"{source}: tensor {path} has shape {tuple(np.shape(got[path]))}, "
+                       f"expected {tuple(shape)} for this config")
 
 
 def check_finite(params: Any, source: str = "params") -> None:
-  """Raises ValueError naming the first tensor that holds NaN or Inf."""
-  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-    if not bool(np.isfinite(np.asarray(leaf, dtype=np.float32)).all()):
-      raise ValueError(f"{source}: tensor {path_str(path)} contains NaN or Inf values")
+  """Deprecated: call `validate.check_finite(fn, tree)`; this forwards until callers move."""
+  validate.check_finite(source, params, name=None)

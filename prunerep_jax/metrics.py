@@ -3,12 +3,17 @@
 Vectorised over leading axes and jittable. x is the dense (original) vector, x' the pruned one,
 d = x' - x; z are logits [..., V]; p = softmax(z / T). KL is always KL(p_dense || p_pruned),
 with dense weights in the estimates. Everything is computed in float32 with log_softmax.
+
+Temperatures T must be > 0 (greedy decoding is analysed at T = 1): checked by value for Python,
+NumPy and concrete JAX scalars, passed through when traced.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+from prunerep_jax import validate
 
 Array = jax.Array
 _EPS = 1e-30
@@ -34,16 +39,18 @@ def cosine(a: Array, b: Array) -> Array:
   return jnp.where(denom > 0, _dot(a, b) / jnp.where(denom > 0, denom, 1.0), 0.0)
 
 
+def _temperature(fn: str, temperature):
+  """A temperature > 0 as a Python float (Python, NumPy or concrete JAX scalar); a traced one
+  (under the caller's jit) passes unchanged."""
+  return validate.temperature(f"metrics.{fn}", temperature, allow_zero=False)
+
+
 def probs(z: Array, temperature: float = 1.0) -> Array:
   """softmax(z / T) over the last axis, float32."""
-  _check_temperature(temperature)
+  temperature = _temperature("probs", temperature)
   return jax.nn.softmax(jnp.asarray(z, jnp.float32) / temperature, axis=-1)
 
 
-def _check_temperature(temperature):
-  if isinstance(temperature, (int, float)) and not temperature > 0:
-    raise ValueError(f"temperature={temperature!r}: expected a number > 0 for a probability "
-                     "space (greedy decoding is analysed at T = 1)")
 
 
 def _weighted_var(dz: Array, w: Array) -> Array:
@@ -53,7 +60,7 @@ def _weighted_var(dz: Array, w: Array) -> Array:
 
 def kl_estimate(z_dense: Array, z_pruned: Array, temperature: float = 1.0) -> Array:
   """Theorem 3: KL(p || p') ~= Var_p(dz) / (2 T^2), p the dense distribution. [..., V] -> [...]."""
-  _check_temperature(temperature)
+  temperature = _temperature("kl_estimate", temperature)
   z_dense, z_pruned = _f32(z_dense, z_pruned)
   p = jax.nn.softmax(z_dense / temperature, axis=-1)
   return _weighted_var(z_pruned - z_dense, p) / (2.0 * temperature**2)
@@ -61,7 +68,7 @@ def kl_estimate(z_dense: Array, z_pruned: Array, temperature: float = 1.0) -> Ar
 
 def cos_p_estimate(z_dense: Array, z_pruned: Array, temperature: float = 1.0) -> Array:
   """Theorem 2: 1 - cos(p, p') ~= Var_r(dz) / (2 T^2), r_i = p_i^2 / sum_j p_j^2."""
-  _check_temperature(temperature)
+  temperature = _temperature("cos_p_estimate", temperature)
   z_dense, z_pruned = _f32(z_dense, z_pruned)
   logp = jax.nn.log_softmax(z_dense / temperature, axis=-1)
   r = jax.nn.softmax(2.0 * logp, axis=-1)  # p^2 normalised, computed stably in log space
@@ -137,7 +144,7 @@ def kl(z_dense: Array, z_pruned: Array, temperature: float = 1.0) -> Array:
   to KL ~ 1e-12 (the log-softmax difference form bottoms out near 1e-7). For large changes
   (max |v| > 20) the log-sum-exp form is used instead, which cannot overflow.
   """
-  _check_temperature(temperature)
+  temperature = _temperature("kl", temperature)
   z_dense, z_pruned = _f32(z_dense, z_pruned)
   logp = jax.nn.log_softmax(z_dense / temperature, axis=-1)
   p = jnp.exp(logp)
@@ -154,7 +161,7 @@ def one_minus_cos_p(z_dense: Array, z_pruned: Array, temperature: float = 1.0) -
 
   p' - p is formed as p * expm1(log p' - log p), never as a difference of two probabilities.
   """
-  _check_temperature(temperature)
+  temperature = _temperature("one_minus_cos_p", temperature)
   z_dense, z_pruned = _f32(z_dense, z_pruned)
   lp = jax.nn.log_softmax(z_dense / temperature, axis=-1)
   lq = jax.nn.log_softmax(z_pruned / temperature, axis=-1)
@@ -179,7 +186,7 @@ def uniform_variance(z_dense: Array, z_pruned: Array, temperature: float = 1.0) 
 
   (The reference code divides by 2T^2 in one script and not in another; we always do.)
   """
-  _check_temperature(temperature)
+  temperature = _temperature("uniform_variance", temperature)
   _, u = _dz(z_dense, z_pruned, temperature)
   return jnp.var(u, axis=-1) / 2.0
 
@@ -187,7 +194,7 @@ def uniform_variance(z_dense: Array, z_pruned: Array, temperature: float = 1.0) 
 def topk_variance(z_dense: Array, z_pruned: Array, temperature: float = 1.0,
                   k: int = 5) -> Array:
   """Var(dz) / (2 T^2) over the dense top-k tokens, weighted by p renormalised on them."""
-  _check_temperature(temperature)
+  temperature = _temperature("topk_variance", temperature)
   z, u = _dz(z_dense, z_pruned, temperature)
   top_z, idx = jax.lax.top_k(z / temperature, k)
   w = jax.nn.softmax(top_z, axis=-1)

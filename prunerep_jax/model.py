@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from prunerep_jax import validate
 from prunerep_jax.config import Config
 from prunerep_jax.layout import param_shapes as layout_shapes
 
@@ -402,54 +403,44 @@ class ForwardOutput(NamedTuple):
 Keep = Union[str, Array, np.ndarray]
 
 
-def _check_tokens(tokens, config: Config):
-  if tokens.ndim != 2:
-    raise ValueError(f"tokens: expected int array [B, T], got shape {tuple(tokens.shape)}")
-  if not jnp.issubdtype(tokens.dtype, jnp.integer):
-    raise ValueError(f"tokens: expected an integer dtype, got {tokens.dtype}")
-  if tokens.shape[1] == 0:
-    raise ValueError("tokens: expected at least one position, got T = 0")
-
-
 def forward(params, config: Config, tokens, attention_mask=None, *, keep: Keep = "all",
             capture: bool = True, logits: bool = True) -> ForwardOutput:
   """Full forward pass; jitted once per (config, shapes, keep mode, flags).
 
+  Every argument is checked on the host before any tracing (see `prunerep_jax.validate`); under
+  the caller's own `jax.jit`, traced arguments are checked for shape and dtype only.
+
   Args:
-    params: the params pytree (see `prunerep_jax.layout`).
+    params: the params pytree (see `prunerep_jax.layout`); every path and shape must match
+      `config` (shapes only: finiteness is the loaders' and pruners' job, not a per-call cost).
     config: the model's `Config` (static).
-    tokens: int [B, T].
-    attention_mask: None (all real) or [B, T] with 1 for real tokens, 0 for padding; padding may
-      be on the left or the right. Positions count real tokens only.
-    keep: which positions to return: "all", "last" (last real token of each row), or int
-      indices [B, P] / [P].
+    tokens: integer ids [B, T] in [0, V), any integer dtype (checked before the int32 cast).
+    attention_mask: None (all real) or [B, T] bool or integer 0/1, 1 for real tokens, 0 for
+      padding; padding may be on the left or the right; every row needs a real token.
+      Positions count real tokens only.
+    keep: which positions to return: "all", "last" (last real token of each row), or integer
+      indices [B, P] / [P] in [0, T) (a list, NumPy or JAX array).
     capture: return the residual stream at every sublayer boundary.
     logits: compute logits (set False to keep only hidden states).
+
+  Raises:
+    ArgumentError (a ValueError) naming the argument, the value and what was expected;
+    TypeError for a config that is not a `Config` or params that are not a dict.
   """
-  tokens = jnp.asarray(tokens)
-  _check_tokens(tokens, config)
+  fn = "forward"
+  validate.params(fn, params, config)
+  tokens = validate.tokens(fn, tokens, config.vocab_size)
   B, T = tokens.shape
-  if attention_mask is None:
-    attention_mask = jnp.ones((B, T), jnp.int32)
-  attention_mask = jnp.asarray(attention_mask)
-  if attention_mask.shape != tokens.shape:
-    raise ValueError(f"attention_mask: shape {tuple(attention_mask.shape)} does not match "
-                     f"tokens {tuple(tokens.shape)}")
+  mask = validate.mask(fn, "attention_mask", attention_mask, (B, T))
   if isinstance(keep, str):
     if keep not in ("all", "last"):
-      raise ValueError(f"keep={keep!r}: expected 'all', 'last' or an int array of positions")
+      raise validate.fail(fn, "keep", keep, "'all', 'last' or integer positions [B, P] / [P]")
     keep_idx, mode = None, keep
   else:
-    keep_idx = jnp.asarray(keep, jnp.int32)
-    if keep_idx.ndim == 1:
-      keep_idx = jnp.broadcast_to(keep_idx, (B,) + keep_idx.shape)
-    if keep_idx.ndim != 2 or keep_idx.shape[0] != B:
-      raise ValueError(f"keep: expected positions [B, P] or [P], got shape {tuple(keep_idx.shape)}")
-    if isinstance(keep, np.ndarray) and keep.size and (keep.min() < 0 or keep.max() >= T):
-      raise ValueError(f"keep: positions must lie in [0, {T}), got {keep.min()}..{keep.max()}")
-    mode = "indices"
-  return _forward(params, config, tokens.astype(jnp.int32), attention_mask, keep_idx, mode,
-                  capture, logits)
+    keep_idx, mode = validate.positions(fn, "keep", keep, B, T), "indices"
+  capture = validate.boolean(fn, "capture", capture)
+  logits = validate.boolean(fn, "logits", logits)
+  return _forward(params, config, tokens, mask, keep_idx, mode, capture, logits)
 
 
 @functools.partial(jax.jit, static_argnums=(1, 5, 6, 7))

@@ -50,6 +50,11 @@ def fail(fn: str, name: str, value: Any, expected: str, *, error=ArgumentError) 
   return error(f"{fn}({name}={_short(value)}): expected {expected}")
 
 
+def field_error(owner: str, name: str, value: Any, expected: str) -> ArgumentError:
+  """The error for a bad field of a value type: `Config.sliding_window=-1: expected ...`."""
+  return ArgumentError(f"{owner}.{name}={_short(value)}: expected {expected}")
+
+
 def is_traced(x: Any) -> bool:
   return isinstance(x, jax.core.Tracer)
 
@@ -129,9 +134,16 @@ def boolean(fn: str, name: str, value: Any) -> bool:
 
 
 def seed(fn: str, value: Any, name: str = "seed") -> int:
-  """A PRNG seed: an integer in [0, 2**32) (what `jax.random.key` takes without wrapping)."""
-  return integer(fn, name, value, minimum=0, maximum=SEED_LIMIT - 1,
-                 expected="an integer in [0, 2**32)")
+  """A PRNG seed: an integer in [0, 2**32) (what `jax.random.key` takes without wrapping).
+
+  A traced seed (inside the user's jit) must be an integer scalar and is returned unchanged.
+  """
+  expected = "an integer in [0, 2**32)"
+  if is_traced(value):
+    if value.ndim != 0 or not jnp.issubdtype(value.dtype, jnp.integer):
+      raise fail(fn, name, value, f"{expected} (a traced seed must be an integer scalar)")
+    return value
+  return integer(fn, name, value, minimum=0, maximum=SEED_LIMIT - 1, expected=expected)
 
 
 def temperature(fn: str, value: Any, *, allow_zero: bool, name: str = "temperature") -> float:
@@ -307,19 +319,26 @@ def _all_finite(leaves):
   return jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])
 
 
-def check_finite(fn: str, tree: Any, name: str = "params") -> None:
-  """Raises naming the first leaf of `tree` that holds NaN or Inf (one jitted reduction)."""
+def check_finite(fn: str, tree: Any, name: Optional[str] = "params") -> None:
+  """Raises naming the first leaf of `tree` that holds NaN or Inf (one jitted reduction).
+
+  The message starts `fn(name): ...`, or `fn: ...` with name=None (fn a file path, say).
+  """
   from prunerep_jax import layout
 
   flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-  leaves = [(p, x) for p, x in flat if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)]
+  # dtype read in place: jnp.asarray here would copy every host array to the device twice
+  leaves = [(p, x) for p, x in flat
+            if jnp.issubdtype(x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype,
+                              jnp.inexact)]
   if not leaves or any(is_traced(x) for _, x in leaves):
     return
   ok = np.asarray(_all_finite([x for _, x in leaves]))
   if not ok.all():
     path = layout.path_str(leaves[int(np.argmin(ok))][0])
-    raise ArgumentError(f"{fn}({name}): tensor {path} contains NaN or Inf values; expected "
-                        "finite weights")
+    where = fn if name is None else f"{fn}({name})"
+    raise ArgumentError(f"{where}: tensor {path} contains NaN or Inf values; expected finite "
+                        "weights")
 
 
 # --------------------------------------------------------------------------------- paths

@@ -19,7 +19,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 import prunerep_jax as pj  # noqa: E402
-from prunerep_jax import checkpoint, layout  # noqa: E402
+from prunerep_jax import checkpoint, layout, validate  # noqa: E402
 from prunerep_jax.export import export_hf  # noqa: E402
 from prunerep_jax.prune.result import PruneResult  # noqa: E402
 
@@ -263,6 +263,46 @@ def test_bad_inputs_raise_clear_errors(exported, tmp_path):
   with pytest.raises(ValueError, match="final_norm/scale.*NaN"):
     export_hf(tmp_path / "a", nan, config)
   assert os.listdir(tmp_path) == []  # nothing written for any bad input
+
+
+def test_exported_files_get_the_umask_modes(exported, tmp_path):
+  config, params, _ = exported("llama")
+  old = os.umask(0o022)
+  try:
+    path = export_hf(tmp_path / "modes", params, config)
+  finally:
+    os.umask(old)
+  files = sorted(os.listdir(path))
+  assert files == ["config.json", "model.safetensors"]  # safetensors alone would leave 0600
+  modes = {f: os.stat(os.path.join(path, f)).st_mode & 0o777 for f in files}
+  assert modes == {f: 0o644 for f in files}
+  assert os.stat(path).st_mode & 0o777 == 0o755
+
+
+def test_finiteness_is_checked_once_before_writing(exported, tmp_path, monkeypatch):
+  config, params, _ = exported("llama")
+  calls = []
+  real = validate.check_finite
+
+  def counting(fn, tree, *args, **kwargs):
+    calls.append((fn, len(jax.tree_util.tree_leaves(tree)), os.listdir(tmp_path)))
+    return real(fn, tree, *args, **kwargs)
+
+  monkeypatch.setattr(validate, "check_finite", counting)
+  export_hf(tmp_path / "once", params, config)
+  assert calls == [("export_hf", len(jax.tree_util.tree_leaves(params)), [])]
+
+
+def test_unwritable_destinations_are_named(exported, tmp_path):
+  config, params, _ = exported("llama")
+  (tmp_path / "file").write_text("x")
+  with pytest.raises(NotADirectoryError, match=r"export_hf\(directory='.*file/hf'\): cannot be "
+                     "created, .*file is a file"):
+    export_hf(tmp_path / "file" / "hf", params, config)
+  with pytest.raises(FileExistsError, match=r"export_hf\(directory='.*file'\): exists and is a "
+                     "file"):
+    export_hf(tmp_path / "file", params, config, overwrite=True)
+  assert os.listdir(tmp_path) == ["file"]
 
 
 def _prune_result(config, params, with_masks=True):

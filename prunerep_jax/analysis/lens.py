@@ -10,17 +10,13 @@ from __future__ import annotations
 import jax
 
 from prunerep_jax import model as M
+from prunerep_jax import validate
 
 LENSES = ("final_norm", "raw")
 
 
-def check_lens(lens: str) -> None:
-  if lens not in LENSES:
-    raise ValueError(f"lens={lens!r}: expected one of {LENSES}")
-
-
 def logit_lens(params, config, h: jax.Array, lens: str = "final_norm") -> jax.Array:
   """h [..., D] residual state -> logits [..., V] float32."""
-  check_lens(lens)
+  lens = validate.choice("analysis.logit_lens", "lens", lens, LENSES)
   x = M.final_norm(params, config, h) if lens == "final_norm" else h
   return M.lm_head(params, config, x)

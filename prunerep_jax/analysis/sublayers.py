@@ -6,9 +6,10 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from prunerep_jax import metrics
-from prunerep_jax.analysis.lens import check_lens, logit_lens
+from prunerep_jax import metrics, validate
+from prunerep_jax.analysis.lens import LENSES, logit_lens
 
 Array = jax.Array
 
@@ -18,9 +19,11 @@ def sublayer_effects(params, config, residual: Array, *, lens: str = "final_norm
   """Compares consecutive residual states (before vs after each sublayer).
 
   Args:
-    residual: [2L + 1, B, P, D] from `forward(...).residual`.
+    params, config: the model whose residual stream this is (params checked against config's
+      layout, shapes only).
+    residual: [2L + 1, B, P, D] floating, from `forward(params, config, ...).residual`.
     lens: how logits are read off an intermediate state (see `analysis.lens`).
-    temperature: T of the probability space.
+    temperature: T > 0 of the probability space (Python, NumPy or JAX scalar; may be traced).
 
   Returns:
     dict of [2L, B, P] float32 arrays (entry 2l is block l's attention, 2l + 1 its MLP):
@@ -28,13 +31,22 @@ def sublayer_effects(params, config, residual: Array, *, lens: str = "final_norm
     Logits are formed one sublayer at a time inside one jitted function, never as
     [2L, B, P, V].
   """
-  check_lens(lens)
-  if not temperature > 0:
-    raise ValueError(f"temperature={temperature!r}: expected a number > 0")
-  return _effects(params, config, residual, lens, float(temperature))
+  fn = "analysis.sublayer_effects"
+  validate.params(fn, params, config)
+  lens = validate.choice(fn, "lens", lens, LENSES)
+  temperature = validate.temperature(fn, temperature, allow_zero=False)
+  depth, D = 2 * config.num_layers + 1, config.hidden_size
+  shape, dtype = tuple(np.shape(residual)), getattr(residual, "dtype", None)
+  if (len(shape) != 4 or shape[0] != depth or shape[3] != D or dtype is None
+      or not jnp.issubdtype(dtype, jnp.floating)):
+    raise validate.fail(
+        fn, "residual", residual,
+        f"floating residual states [2L + 1, B, P, D] = [{depth}, B, P, {D}] for this config "
+        f"(L = {config.num_layers}), as forward(...).residual returns; got shape {shape}")
+  return _effects(params, config, residual, lens, jnp.asarray(temperature, jnp.float32))
 
 
-@functools.partial(jax.jit, static_argnums=(1, 3, 4))
+@functools.partial(jax.jit, static_argnums=(1, 3))
 def _effects(params, config, residual, lens, temperature):
   def one(pair):
     before, after = pair

@@ -12,12 +12,12 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import shutil
-import tempfile
 from collections.abc import Mapping, Sequence
 from typing import Any, Optional, Union
 
 import numpy as np
+
+from prunerep_jax import atomic
 
 CACHE_ENV = "PRUNEREP_CACHE"
 
@@ -103,22 +103,22 @@ def tokenizer_from_gguf_metadata(metadata: Mapping[str, Any], path: str = "<gguf
 
 
 def _save_atomically(tokenizer, cache_dir: str) -> None:
-  """Writes to a sibling temp dir then renames, so readers never see half a cache entry."""
-  tmp = None
+  """Writes the cache entry through a staged directory, so readers never see half of one.
+
+  A damaged entry present when the load began is replaced; one that a concurrent process created
+  meanwhile is kept (it holds the same tokenizer).
+  """
+  replace = os.path.isdir(cache_dir) and not os.path.islink(cache_dir)
   try:
-    os.makedirs(os.path.dirname(cache_dir), exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=os.path.dirname(cache_dir))
-    tokenizer.save_pretrained(tmp)
-    if os.path.isdir(cache_dir):  # a damaged entry that failed to load
-      shutil.rmtree(cache_dir, ignore_errors=True)
-    os.replace(tmp, cache_dir)
-    tmp = None
+    with atomic.staged_directory(cache_dir, overwrite=replace, caller="gguf_tokenizer",
+                                 name="cache_dir") as stage:
+      tokenizer.save_pretrained(stage)
   except OSError as e:
-    # The cache only saves time: an unwritable cache, or losing a race, must not stop a load.
-    log.warning("cannot cache tokenizer in %s (%s); it will be rebuilt next time", cache_dir, e)
-  finally:
-    if tmp is not None:
-      shutil.rmtree(tmp, ignore_errors=True)
+    if isinstance(e, FileExistsError) and os.path.isdir(cache_dir) and not replace:
+      log.debug("tokenizer cache %s was written by another process meanwhile; keeping it",
+                cache_dir)
+    else:  # the cache only saves time: an unwritable cache must not stop a load
+      log.warning("cannot cache tokenizer in %s (%s); it will be rebuilt next time", cache_dir, e)
 
 
 def chat_prompt(tokenizer, messages_or_text: Union[str, Messages],
