@@ -216,8 +216,8 @@ def test_unsupported_file_type(tmp_path):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"nsamples": 0}, r"nsamples=0: expected an integer >= 1"),
-    ({"seqlen": 1}, r"seqlen=1: expected an integer >= 2"),
+    ({"nsamples": 0}, r"calibration_tokens\(nsamples=0\): expected an integer >= 1"),
+    ({"seqlen": 1}, r"calibration_tokens\(seqlen=1\): expected an integer >= 2"),
     ({"split": "train"}, r"split='train'"),
 ])
 def test_calibration_argument_errors(tokenizer, kwargs, message):
@@ -349,7 +349,7 @@ def test_heldout_and_calibration_documents_are_disjoint(tokenizer):
 
 
 def test_heldout_argument_errors(tokenizer):
-  with pytest.raises(ValueError, match=r"max_windows=0: expected an integer >= 1"):
+  with pytest.raises(ValueError, match=r"heldout_tokens\(max_windows=0\): expected an integer >= 1"):
     data.heldout_tokens(tokenizer, "news", seqlen=16, max_windows=0)
   with pytest.raises(ValueError, match=r"seqlen=10000000.*fewer than one window"):
     data.heldout_tokens(tokenizer, "news", seqlen=10_000_000)

@@ -67,12 +67,15 @@ def transformers_gguf_tensors(default_path):
 
 # A tiny llama GGUF written here, F32 tensors, so name mapping, orientation and the q/k
 # un-permutation are checked exactly on values we chose.
-TINY = dict(L=2, D=16, F=24, N=4, K=2, H=4, V=259)
+TINY = dict(L=2, D=16, F=24, N=4, K=2, H=4, V=260)
+# Control tokens first, as in SmolLM2's vocabulary. "<|endoftext|>" must be in the file: without
+# it transformers' GPT-2 conversion appends it as an extra token past the vocabulary.
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 
 def _byte_vocab() -> list[str]:
   from transformers.convert_slow_tokenizer import bytes_to_unicode
-  return list(bytes_to_unicode().values()) + ["he", "<|im_start|>", "<|im_end|>"]
+  return SPECIALS + list(bytes_to_unicode().values()) + ["he"]
 
 
 def _llama_cpp_permute(w: np.ndarray, heads: int) -> np.ndarray:
@@ -116,10 +119,10 @@ def write_tiny_gguf(path, arch="llama", weights=None, **metadata) -> str:
   vocab = _byte_vocab()
   writer.add_tokenizer_model("gpt2")
   writer.add_token_list(vocab)
-  writer.add_token_types([1] * (len(vocab) - 2) + [3, 3])
+  writer.add_token_types([3] * len(SPECIALS) + [1] * (len(vocab) - len(SPECIALS)))
   writer.add_token_merges(["h e"])
-  writer.add_bos_token_id(len(vocab) - 2)
-  writer.add_eos_token_id(len(vocab) - 1)
+  writer.add_bos_token_id(SPECIALS.index("<|im_start|>"))
+  writer.add_eos_token_id(SPECIALS.index("<|im_end|>"))
   writer.add_chat_template("{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
                            "{{ m['content'] }}<|im_end|>\n{% endfor %}"
                            "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
