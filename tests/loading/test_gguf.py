@@ -308,6 +308,8 @@ def test_tiny_gguf_maps_names_transposes_and_unpermutes_qk(tiny_path):
   w, p, c = _tiny_hf_weights(), model.params, model.config
   assert (c.num_layers, c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim) == (2, 16, 4, 2, 4)
   assert not c.tie_word_embeddings and c.vocab_size == TINY["V"]
+  for leaf in jax.tree_util.tree_leaves(p):
+    assert isinstance(leaf, jax.Array) and leaf.dtype == jnp.float32
   np.testing.assert_array_equal(p["embed"]["embedding"], w["embed"])
   np.testing.assert_array_equal(p["lm_head"]["kernel"], w["lm_head"].T)
   np.testing.assert_array_equal(p["final_norm"]["scale"], w["norm"])
@@ -390,6 +392,16 @@ def test_nan_tensor_raises_naming_the_tensor(tmp_path):
   weights["1.up"][3, 5] = np.nan
   path = write_tiny_gguf(tmp_path / "nan.gguf", weights=weights)
   with pytest.raises(ValueError, match=r"nan\.gguf: tensor blk\.1\.ffn_up\.weight contains NaN"):
+    gguf_loader.load_gguf(path)
+
+
+def test_tokenizer_larger_than_the_vocabulary_raises_naming_both_sizes(tmp_path):
+  # The embedding and the declared vocabulary have 259 rows; the token list has 260 entries.
+  weights = _tiny_hf_weights()
+  weights["embed"], weights["lm_head"] = weights["embed"][:-1], weights["lm_head"][:-1]
+  path = write_tiny_gguf(tmp_path / "short_vocab.gguf", weights=weights, vocab_size=259)
+  with pytest.raises(ValueError, match=r"short_vocab\.gguf: the tokenizer has 260 tokens \(ids "
+                                       r"up to 259\) but the model's vocab_size is 259"):
     gguf_loader.load_gguf(path)
 
 

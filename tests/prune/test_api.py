@@ -147,6 +147,14 @@ def test_dropped_sublayer_passes_the_residual_unchanged_exactly(params, calib):
     np.testing.assert_array_equal(stream[i + 1], stream[i])
 
 
+def test_drop_accepts_numpy_params(params, calib):
+  numpy_params = jax.tree_util.tree_map(np.asarray, params)
+  from_numpy = pj.prune.drop_sublayers(numpy_params, CFG, 2, kind="joint", calibration=calib)
+  from_jax = pj.prune.drop_sublayers(params, CFG, 2, kind="joint", calibration=calib)
+  assert from_numpy.report["dropped"] == from_jax.report["dropped"]
+  assert _leaves_equal(from_numpy.params, from_jax.params)
+
+
 def test_drop_chooses_the_highest_cosine_sublayers(params, calib):
   result = pj.prune.drop_sublayers(params, CFG, 2, kind="mlp", calibration=calib)
   stream = np.asarray(pj.forward(params, CFG, calib.tokens).residual, np.float64)
