@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from prunerep_jax import metrics
+from prunerep_jax import validate
 from prunerep_jax.config import Config
 from prunerep_jax.model import forward, lm_head
 
@@ -75,28 +76,19 @@ def _kl_row_sums(params_dense, params_pruned, config_dense: Config, config_prune
   return jnp.sum(kl, axis=1), jnp.sum(agree, axis=1)
 
 
-def _check_tokens(tokens: Any, vocab_size: int, min_positions: int) -> np.ndarray:
-  tokens = np.asarray(tokens)
-  if tokens.ndim != 2:
-    raise ValueError(f"tokens: expected an int array [W, T], got shape {tokens.shape}")
-  if not np.issubdtype(tokens.dtype, np.integer):
-    raise ValueError(f"tokens: expected an integer dtype, got {tokens.dtype}")
-  if tokens.shape[0] < 1 or tokens.shape[1] < min_positions:
-    raise ValueError(f"tokens: shape {tokens.shape}: expected at least 1 window of at least "
-                     f"{min_positions} positions")
-  if tokens.min() < 0 or tokens.max() >= vocab_size:
-    raise ValueError(f"tokens: ids span {tokens.min()}..{tokens.max()}, outside the vocabulary "
-                     f"[0, {vocab_size})")
-  return tokens.astype(np.int32)
+def _check_tokens(fn: str, tokens: Any, vocab_size: int, min_positions: int) -> np.ndarray:
+  """Token windows [W, T] as int32, ids range-checked before the cast, T >= min_positions."""
+  tokens = validate.tokens(fn, tokens, vocab_size)
+  if tokens.shape[1] < min_positions:
+    raise validate.fail(fn, "tokens", tokens, f"token windows [W, T] with T >= {min_positions}; "
+                        f"got shape {tokens.shape}")
+  return tokens
 
 
-def _batches(tokens: np.ndarray, batch_size: Any):
+def _batches(tokens: np.ndarray, batch_size: int):
   """Yields ([B, T] batch, number of real rows); the last batch is padded with rows of zeros."""
-  if (isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer))
-      or batch_size < 1):
-    raise ValueError(f"batch_size={batch_size!r}: expected an integer >= 1")
   W, T = tokens.shape
-  B = min(int(batch_size), W)  # one compiled shape; never more padding rows than windows
+  B = min(batch_size, W)  # one compiled shape; never more padding rows than windows
   for start in range(0, W, B):
     batch = tokens[start:start + B]
     real = batch.shape[0]
@@ -119,7 +111,10 @@ def perplexity(params, config: Config, tokens, batch_size: int = 8) -> dict:
     {"ppl": exp(nll), "nll": mean negative log-likelihood per predicted token (nats),
     "tokens": W * (T - 1) predicted tokens}.
   """
-  tokens = _check_tokens(tokens, config.vocab_size, min_positions=2)
+  fn = "perplexity"
+  validate.params(fn, params, config)
+  tokens = _check_tokens(fn, tokens, config.vocab_size, min_positions=2)
+  batch_size = validate.integer(fn, "batch_size", batch_size, minimum=1)
   sums = []
   for batch, real in _batches(tokens, batch_size):
     chunk = _chunk_size(batch.shape[0], batch.shape[1] - 1, config.vocab_size)
@@ -145,11 +140,16 @@ def next_token_kl(params_dense, params_pruned, config_dense: Config, config_prun
     {"kl": mean KL(p_dense || p_pruned) per position (nats), "top1_agreement": fraction of
     positions where the two argmax tokens agree, "tokens": W * T positions}.
   """
-  if config_dense.vocab_size != config_pruned.vocab_size:
-    raise ValueError(f"config_pruned.vocab_size={config_pruned.vocab_size} differs from "
+  fn = "next_token_kl"
+  validate.params(fn, params_dense, config_dense)
+  # Checked before the pruned params: a params/config mismatch there would hide the real cause.
+  if isinstance(config_pruned, Config) and config_pruned.vocab_size != config_dense.vocab_size:
+    raise ValueError(f"{fn}: config_pruned.vocab_size={config_pruned.vocab_size} differs from "
                      f"config_dense.vocab_size={config_dense.vocab_size}; next-token "
                      "distributions can only be compared over the same vocabulary")
-  tokens = _check_tokens(tokens, config_dense.vocab_size, min_positions=1)
+  validate.params(fn, params_pruned, config_pruned)
+  tokens = _check_tokens(fn, tokens, config_dense.vocab_size, min_positions=1)
+  batch_size = validate.integer(fn, "batch_size", batch_size, minimum=1)
   sums = []
   for batch, real in _batches(tokens, batch_size):
     chunk = _chunk_size(batch.shape[0], batch.shape[1], config_dense.vocab_size)

@@ -95,19 +95,3 @@ def test_next_token_kl_needs_one_vocabulary(params, tokens):
   bigger = pj.Config(**{**CFG.__dict__, "vocab_size": 98})
   with pytest.raises(ValueError, match=r"config_pruned.vocab_size=98 differs from.*=97"):
     next_token_kl(params, params, CFG, bigger, tokens)
-
-
-@pytest.mark.parametrize("bad, message", [
-    (np.zeros((4,), np.int32), r"expected an int array \[W, T\], got shape \(4,\)"),
-    (np.zeros((2, 1), np.int32), r"shape \(2, 1\): expected at least 1 window of at least 2"),
-    (np.zeros((2, 3), np.float32), r"expected an integer dtype, got float32"),
-    (np.full((2, 3), 97, np.int32), r"ids span 97..97, outside the vocabulary \[0, 97\)"),
-])
-def test_perplexity_rejects_bad_tokens(params, bad, message):
-  with pytest.raises(ValueError, match=message):
-    perplexity(params, CFG, bad)
-
-
-def test_perplexity_rejects_a_bad_batch_size(params, tokens):
-  with pytest.raises(ValueError, match=r"batch_size=0: expected an integer >= 1"):
-    perplexity(params, CFG, tokens, batch_size=0)
