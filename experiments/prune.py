@@ -233,7 +233,6 @@ def write_outputs(checks: dict, result, evaluation: dict, tokenizer) -> str:
                           owned=OWNED, model_path=checks["model_path"])
   settings = {f.name: f.value for f in FLAGS.get_flags_for_module(sys.modules[__name__])}
   outputs = checks["outputs"]
-  os.makedirs(out, exist_ok=True)
   _common.write_marker(PROG, out, status="writing", outputs=outputs, settings=settings)
   pj.checkpoint.save_pruned(os.path.join(out, CHECKPOINT), result, overwrite=FLAGS.overwrite)
   atomic.write_json(os.path.join(out, REPORT),
