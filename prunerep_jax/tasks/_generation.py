@@ -97,13 +97,15 @@ def check_comparable(fn: str, dense: Any, pruned: Any, suite: str) -> None:
   ids_d = [it["id"] for it in dense["items"]]
   ids_p = [it["id"] for it in pruned["items"]]
   if ids_d != ids_p:
-    raise validate.fail(fn, "pruned", f"<result on {len(ids_p)} items>",
-                        f"a result on the same items as dense ({len(ids_d)} items, first ids "
-                        f"{ids_d[:3]}); first ids are {ids_p[:3]}")
+    raise validate.ArgumentError(
+        f"{fn}(dense, pruned): expected results on the same items in the same order; dense has "
+        f"{len(ids_d)} items (first ids {ids_d[:3]}), pruned has {len(ids_p)} (first ids "
+        f"{ids_p[:3]})")
   for key in ("max_new_tokens", "prompt"):
     if dense.get(key) != pruned.get(key):
-      raise validate.fail(fn, "pruned", f"<result with {key}={pruned.get(key)!r}>",
-                          f"the same {key} as dense ({dense.get(key)!r})")
+      raise validate.ArgumentError(
+          f"{fn}(dense, pruned): expected results with the same {key}; dense has "
+          f"{dense.get(key)!r}, pruned has {pruned.get(key)!r}")
 
 
 # ------------------------------------------------------------------------------ generation
