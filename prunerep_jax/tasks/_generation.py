@@ -6,7 +6,7 @@ EOS. What comes back per prompt is its *valid* tokens: everything generated up t
 the EOS (the EOS is kept: stopping is a decision the pruned model can get wrong too).
 
 Fidelity of a pruned output p (length Lp) to the dense output d (length Ld), per item, in pure
-NumPy on the hosts' token lists:
+NumPy on the host's token lists:
   * first_divergence: the first step i where the two differ, i.e. i < min(Ld, Lp) with
     d[i] != p[i], else min(Ld, Lp) when the lengths differ (one output stopped and the other
     went on); None when the outputs are identical.
@@ -28,7 +28,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from prunerep_jax import decode, validate
+from prunerep_jax import decode
 from prunerep_jax.config import Config
 from prunerep_jax.tasks import _suite
 
@@ -87,25 +87,6 @@ def fidelity(dense: Sequence[Sequence[int]], pruned: Sequence[Sequence[int]]) ->
 def match_rate(dense: Sequence[Any], pruned: Sequence[Any]) -> Optional[float]:
   """Fraction of items whose two values are equal (e.g. extracted answers, completion texts)."""
   return _suite.mean([a == b for a, b in zip(dense, pruned)])
-
-
-def check_comparable(fn: str, dense: Any, pruned: Any, suite: str) -> None:
-  """Both results come from the same suite's `evaluate`, on the same items in the same order."""
-  for name, value in (("dense", dense), ("pruned", pruned)):
-    if not isinstance(value, dict) or value.get("suite") != suite or "items" not in value:
-      raise validate.fail(fn, name, value, f"a result dict of {suite}.evaluate", error=TypeError)
-  ids_d = [it["id"] for it in dense["items"]]
-  ids_p = [it["id"] for it in pruned["items"]]
-  if ids_d != ids_p:
-    raise validate.ArgumentError(
-        f"{fn}(dense, pruned): expected results on the same items in the same order; dense has "
-        f"{len(ids_d)} items (first ids {ids_d[:3]}), pruned has {len(ids_p)} (first ids "
-        f"{ids_p[:3]})")
-  for key in ("max_new_tokens", "prompt"):
-    if dense.get(key) != pruned.get(key):
-      raise validate.ArgumentError(
-          f"{fn}(dense, pruned): expected results with the same {key}; dense has "
-          f"{dense.get(key)!r}, pruned has {pruned.get(key)!r}")
 
 
 # ------------------------------------------------------------------------------ generation

@@ -1,5 +1,5 @@
 """What every task suite shares: where its records come from, how items are subsampled, how
-prompts are batched, and how progress is reported.
+prompts are batched, how progress is reported, and the checks on its inputs and results.
 
 Records come from a data file inside an installed PyPI package (located with
 `importlib.util.find_spec`, which runs none of the package's code: the packages are carriers of
@@ -401,6 +401,25 @@ def check_items(fn: str, items: Any, kind: type) -> list:
     dup = next(i for i in ids if ids.count(i) > 1)
     raise validate.fail(fn, "items", items, f"items with distinct ids; {dup!r} repeats")
   return items
+
+
+def check_comparable(fn: str, dense: Any, pruned: Any, suite: str) -> None:
+  """Both results come from the same suite's `evaluate`, on the same items in the same order."""
+  for name, value in (("dense", dense), ("pruned", pruned)):
+    if not isinstance(value, dict) or value.get("suite") != suite or "items" not in value:
+      raise validate.fail(fn, name, value, f"a result dict of {suite}.evaluate", error=TypeError)
+  ids_d = [it["id"] for it in dense["items"]]
+  ids_p = [it["id"] for it in pruned["items"]]
+  if ids_d != ids_p:
+    raise validate.ArgumentError(
+        f"{fn}(dense, pruned): expected results on the same items in the same order; dense has "
+        f"{len(ids_d)} items (first ids {ids_d[:3]}), pruned has {len(ids_p)} (first ids "
+        f"{ids_p[:3]})")
+  for key in ("max_new_tokens", "prompt"):
+    if dense.get(key) != pruned.get(key):
+      raise validate.ArgumentError(
+          f"{fn}(dense, pruned): expected results with the same {key}; dense has "
+          f"{dense.get(key)!r}, pruned has {pruned.get(key)!r}")
 
 
 def mean(values: Sequence[float]) -> Optional[float]:

@@ -242,7 +242,7 @@ def compare(dense: dict, pruned: dict) -> dict:
     first_divergence_median (see `prunerep_jax.tasks._generation`), text_match, answer_match,
     accuracy_dense, accuracy_pruned, per_item {token_agreement, first_divergence}.
   """
-  _generation.check_comparable("gsm8k.compare", dense, pruned, "gsm8k")
+  _suite.check_comparable("gsm8k.compare", dense, pruned, "gsm8k")
   d_items, p_items = dense["items"], pruned["items"]
   out = {"suite": "gsm8k", "n": dense["n"]}
   out.update(_generation.fidelity([d["tokens"] for d in d_items], [p["tokens"] for p in p_items]))

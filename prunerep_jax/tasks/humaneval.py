@@ -15,10 +15,13 @@ code fished out of a free-form reply, which adds a second source of failure to w
 
 Stop sequences are applied on the host after decoding: the completion is cut at the first
 ``\\ndef ``, ``\\nclass ``, ``\\nif __name__``, ``\\nprint(``, ``\\n#`` or ``\\nassert `` (top-level
-code after the function), or at the EOS. Fidelity metrics (token agreement, exact match, first
-divergence; see `prunerep_jax.tasks._generation`) compare the tokens that lie wholly inside the
-kept completion, so what either model writes after a stop does not count; text_match compares
-the kept completion texts.
+code after the function), or at the EOS. The kept completion is what gets executed, and
+text_match compares it between two models. The token-level fidelity metrics (token agreement,
+exact match, first divergence; see `prunerep_jax.tasks._generation`) cover every generated token,
+stops or not: SmolLM2-135M-Instruct often writes no body at all and goes straight to a comment or
+a usage example ("\n# Test the function..."), so its kept completions are mostly empty, and
+comparing only those would call any two such models identical. Each item also records
+completion_tokens, how many generated tokens lie wholly inside the kept completion.
 
 Functional correctness (`run_program`, `evaluate(..., execute=True)`): each program (prompt +
 completion + the problem's tests + ``check(entry_point)``) runs in a fresh ``python -I``
@@ -261,8 +264,9 @@ def evaluate(params, config: Config, tokenizer, items: Sequence[Item], *,
   Returns:
     A JSON-serialisable dict: suite "humaneval", n, pass_at_1 (None unless execute), executed,
     max_new_tokens, prompt, stopped (fraction of completions cut by a stop sequence or the EOS
-    rather than by max_new_tokens), and items: [{id, completion (the kept text), tokens (the
-    kept tokens), status (None unless execute), detail}].
+    rather than by max_new_tokens), and items: [{id, completion (the kept text), tokens (every
+    generated token, up to and including the EOS), completion_tokens (how many of them lie
+    wholly inside the completion), status (None unless execute), detail}].
   """
   fn = "humaneval.evaluate"
   validate.params(fn, params, config)
@@ -285,9 +289,9 @@ def evaluate(params, config: Config, tokenizer, items: Sequence[Item], *,
     full = _generation.decode_text(tokenizer, tokens)
     completion = truncate(full)
     stopped.append(len(completion) < len(full) or bool(tokens and tokens[-1] in eos))
-    rows.append({"id": it.id, "completion": completion,
-                 "tokens": kept_tokens(tokenizer, tokens, completion), "status": None,
-                 "detail": None})
+    rows.append({"id": it.id, "completion": completion, "tokens": tokens,
+                 "completion_tokens": len(kept_tokens(tokenizer, tokens, completion)),
+                 "status": None, "detail": None})
   if execute:
     for done, (it, row) in enumerate(zip(items, rows), 1):
       row.update(run_program(program(it, row["completion"]), timeout=timeout))
@@ -313,11 +317,11 @@ def compare(dense: dict, pruned: dict) -> dict:
 
   Returns:
     A JSON-serialisable dict: n, token_agreement, exact_match, diverged, first_divergence_mean,
-    first_divergence_median (on the kept tokens), text_match (identical kept completions),
+    first_divergence_median (on all generated tokens), text_match (identical kept completions),
     pass_at_1_dense, pass_at_1_pruned (None unless both executed), per_item {token_agreement,
     first_divergence}.
   """
-  _generation.check_comparable("humaneval.compare", dense, pruned, "humaneval")
+  _suite.check_comparable("humaneval.compare", dense, pruned, "humaneval")
   d_items, p_items = dense["items"], pruned["items"]
   out = {"suite": "humaneval", "n": dense["n"]}
   out.update(_generation.fidelity([d["tokens"] for d in d_items], [p["tokens"] for p in p_items]))

