@@ -226,17 +226,16 @@ def _arrow_rows(path: str, fn: str) -> list[dict]:
   return table.to_pylist()
 
 
-def field(record: Any, where: str, fn: str, names: Sequence[str], kind: type = str) -> Any:
-  """The first of `names` present in `record`, checked to be a `kind`."""
+def field(record: Any, where: str, fn: str, names: Sequence[str]) -> str:
+  """The first of `names` present in `record`, checked to be a str."""
   if not isinstance(record, Mapping):
     raise ValueError(f"{fn}: {where}: expected a JSON object (a record), got "
                      f"{type(record).__name__}")
   for name in names:
     if name in record:
       value = record[name]
-      if not isinstance(value, kind) or isinstance(value, bool) != (kind is bool):
-        raise ValueError(f"{fn}: {where}: field {name!r} holds {_short(value)}, expected "
-                         f"{kind.__name__}")
+      if not isinstance(value, str):
+        raise ValueError(f"{fn}: {where}: field {name!r} holds {_short(value)}, expected str")
       return value
   wanted = " or ".join(repr(n) for n in names)
   raise ValueError(f"{fn}: {where}: record has no field {wanted} (it has {sorted(record)})")
