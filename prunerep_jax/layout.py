@@ -105,8 +105,3 @@ def check_params(params: Any, config: Config, source: str = "params") -> None:
     if tuple(np.shape(got[path])) != tuple(shape):
       raise ValueError(f"{source}: tensor {path} has shape {tuple(np.shape(got[path]))}, "
                        f"expected {tuple(shape)} for this config")
-
-
-def check_finite(params: Any, source: str = "params") -> None:
-  """Deprecated: call `validate.check_finite(fn, tree)`; this forwards until callers move."""
-  validate.check_finite(source, params, name=None)

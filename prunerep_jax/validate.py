@@ -319,10 +319,10 @@ def _all_finite(leaves):
   return jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])
 
 
-def check_finite(fn: str, tree: Any, name: Optional[str] = "params") -> None:
-  """Raises naming the first leaf of `tree` that holds NaN or Inf (one jitted reduction).
+def first_nonfinite(tree: Any) -> Optional[str]:
+  """Path ('layers/attn/q_proj/kernel') of the first leaf holding NaN or Inf, else None.
 
-  The message starts `fn(name): ...`, or `fn: ...` with name=None (fn a file path, say).
+  One jitted reduction over the whole tree and one small transfer; traced trees give None.
   """
   from prunerep_jax import layout
 
@@ -332,10 +332,20 @@ def check_finite(fn: str, tree: Any, name: Optional[str] = "params") -> None:
             if jnp.issubdtype(x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype,
                               jnp.inexact)]
   if not leaves or any(is_traced(x) for _, x in leaves):
-    return
+    return None
   ok = np.asarray(_all_finite([x for _, x in leaves]))
-  if not ok.all():
-    path = layout.path_str(leaves[int(np.argmin(ok))][0])
+  if ok.all():
+    return None
+  return layout.path_str(leaves[int(np.argmin(ok))][0])
+
+
+def check_finite(fn: str, tree: Any, name: Optional[str] = "params") -> None:
+  """Raises naming the first leaf of `tree` that holds NaN or Inf (one jitted reduction).
+
+  The message starts `fn(name): ...`, or `fn: ...` with name=None (fn a file path, say).
+  """
+  path = first_nonfinite(tree)
+  if path is not None:
     where = fn if name is None else f"{fn}({name})"
     raise ArgumentError(f"{where}: tensor {path} contains NaN or Inf values; expected finite "
                         "weights")

@@ -186,6 +186,34 @@ def test_missing_file_is_named(tmp_path):
     data.load_texts(missing)
 
 
+@pytest.mark.parametrize("filename", ["binary.txt", "binary.jsonl"])
+def test_a_binary_file_is_refused_as_not_utf8_naming_the_file(tmp_path, filename):
+  path = tmp_path / filename
+  path.write_bytes(b"caf\xe9 \x00\xff\xfe binary")
+  with pytest.raises(ValueError, match=rf"{filename}.* is not UTF-8 text \(byte 3: ") as e:
+    data.load_texts(str(path))
+  assert type(e.value) is ValueError  # not a bare UnicodeDecodeError
+
+
+def test_a_corrupt_wiki_dump_is_refused_naming_the_file(tmp_path):
+  path = tmp_path / "dump.xml.bz2"
+  path.write_bytes(b"not bzip2 at all")
+  with pytest.raises(ValueError, match=r"dump\.xml\.bz2 is not a readable MediaWiki XML dump"):
+    data.load_texts(str(path))
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this platform")
+def test_a_fifo_is_refused_as_not_a_regular_file(tmp_path):
+  fifo = tmp_path / "pipe.txt"
+  os.mkfifo(fifo)
+  with pytest.raises(ValueError, match=r"pipe\.txt is not a regular file or directory"):
+    data.load_texts(str(fifo))
+  write(tmp_path / "ok.txt", "text")
+  with pytest.raises(ValueError, match=r"pipe\.txt is not a regular file; expected the data "
+                                       "files of a dataset directory"):
+    data.load_texts(str(tmp_path))
+
+
 def test_unknown_source_name_lists_the_known_ones():
   with pytest.raises(ValueError, match=r"source='wikitext2'.*unknown.*'wikipedia', 'news'"):
     data.load_texts("wikitext2")
@@ -216,8 +244,8 @@ def test_unsupported_file_type(tmp_path):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"nsamples": 0}, r"nsamples=0: expected an integer >= 1"),
-    ({"seqlen": 1}, r"seqlen=1: expected an integer >= 2"),
+    ({"nsamples": 0}, r"calibration_tokens\(nsamples=0\): expected an integer >= 1"),
+    ({"seqlen": 1}, r"calibration_tokens\(seqlen=1\): expected an integer >= 2"),
     ({"split": "train"}, r"split='train'"),
 ])
 def test_calibration_argument_errors(tokenizer, kwargs, message):
@@ -349,7 +377,8 @@ def test_heldout_and_calibration_documents_are_disjoint(tokenizer):
 
 
 def test_heldout_argument_errors(tokenizer):
-  with pytest.raises(ValueError, match=r"max_windows=0: expected an integer >= 1"):
+  with pytest.raises(ValueError,
+                     match=r"heldout_tokens\(max_windows=0\): expected an integer >= 1"):
     data.heldout_tokens(tokenizer, "news", seqlen=16, max_windows=0)
   with pytest.raises(ValueError, match=r"seqlen=10000000.*fewer than one window"):
     data.heldout_tokens(tokenizer, "news", seqlen=10_000_000)

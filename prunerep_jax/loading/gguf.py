@@ -20,10 +20,10 @@ import os
 from typing import Any, Optional
 
 import gguf
-import jax.numpy as jnp
 import numpy as np
 
 from prunerep_jax import layout
+from prunerep_jax import loading
 from prunerep_jax.config import Config
 from prunerep_jax.loading import Model
 from prunerep_jax.loading import tokenizer as tokenizer_lib
@@ -73,8 +73,9 @@ def load_gguf(path: str | os.PathLike, source: Optional[str] = None) -> Model:
   Raises:
     FileNotFoundError: the file does not exist.
     ValueError: the file is truncated or corrupt, its architecture is not llama, a config field or
-      quantisation type is unsupported, or a tensor is missing, mis-shaped or not finite. The
-      message names the file and the offending key or tensor.
+      quantisation type is unsupported, the tokenizer has more tokens than the vocabulary, or a
+      tensor is missing, mis-shaped or not finite. The message names the file and the offending
+      key or tensor.
   """
   path = os.fspath(path)
   if not os.path.isfile(path):
@@ -83,18 +84,25 @@ def load_gguf(path: str | os.PathLike, source: Optional[str] = None) -> Model:
   metadata = _read_metadata(reader, path)
   tensors = {t.name: t for t in reader.tensors}
   config = config_from_gguf(metadata, tensors, path)
+  # The tokenizer is cached and cheap next to dequantising every tensor: refuse a mismatched one
+  # before the heavy work.
+  tokenizer = tokenizer_lib.gguf_tokenizer(path, metadata)
+  loading.check_tokenizer(tokenizer, config, source=path)
   params = _read_params(tensors, config, path)
   layout.check_params(params, config, source=path)
-  params = _to_jax(params)
-  tokenizer = tokenizer_lib.gguf_tokenizer(path, metadata)
+  params = loading.to_jax(params)
+  loading.check_finite("load_gguf", params,
+                       lambda keys, layer: f"{path}: tensor {_gguf_name(keys, layer)}")
   return Model(config=config, params=params, tokenizer=tokenizer, source=source or path)
 
 
-def _to_jax(tree: dict) -> dict:
-  """numpy leaves -> jnp, in place, one at a time: peak memory is one model plus one tensor."""
-  for key, value in tree.items():
-    tree[key] = _to_jax(value) if isinstance(value, dict) else jnp.asarray(value)
-  return tree
+def _gguf_name(keys: tuple[str, ...], layer: Optional[int]) -> str:
+  """The GGUF tensor name behind a layout path (and layer, for the stacked block tensors)."""
+  if keys[0] == "layers":
+    (suffix,) = [n for n, (k, _) in _BLOCK_TENSORS.items() if k == keys[1:]]
+    return f"blk.{layer}.{suffix}"
+  (name,) = [n for n, (k, _) in _GLOBAL_TENSORS.items() if k == keys]
+  return name
 
 
 def _open(path: str) -> gguf.GGUFReader:
@@ -270,7 +278,7 @@ def _lookup(tree: dict, keys: tuple) -> Optional[tuple]:
 
 
 def _dequantize(tensors: dict[str, Any], name: str, path: str) -> np.ndarray:
-  """One tensor as float32 in numpy order (GGUF's ``ne`` reversed), checked finite."""
+  """One tensor as float32 in numpy order (GGUF's ``ne`` reversed)."""
   if name not in tensors:
     raise ValueError(f"{path}: tensor {name} is missing")
   t = tensors[name]
@@ -284,9 +292,7 @@ def _dequantize(tensors: dict[str, Any], name: str, path: str) -> np.ndarray:
   if w.size != int(np.prod(shape)):
     raise ValueError(f"{path}: tensor {name} dequantises to {w.size} values, expected "
                      f"{int(np.prod(shape))} for shape {shape}; the file is corrupt")
-  w = np.asarray(w, np.float32).reshape(shape)
-  layout.check_finite({name: w}, source=path)
-  return w
+  return np.asarray(w, np.float32).reshape(shape)
 
 
 def _to_kernel(w: np.ndarray) -> np.ndarray:

@@ -8,7 +8,7 @@ Two steps, each refusing what it does not understand:
   an error: an unhandled rope_scaling, sliding_window or bias flag silently changes the model.
 * `load_hf_dir` reads the safetensors weights by an explicit name mapping, checks each tensor's
   shape against `layout.param_shapes`, transposes linear weights to Flax [in, out] kernels and
-  stacks the L decoder blocks on a leading axis. Weights are converted to float32.
+  stacks the L decoder blocks on a leading axis. Weights are converted to float32 JAX arrays.
 
 Missing optional fields take the default the transformers config class uses for that model
 type (e.g. Mistral's sliding_window 4096), so a config.json means here what it means to
@@ -30,6 +30,7 @@ import safetensors
 
 from prunerep_jax import layout
 from prunerep_jax.config import Config, RopeScaling
+from prunerep_jax import loading
 from prunerep_jax.loading import Model
 
 CONFIG_FILE = "config.json"
@@ -420,7 +421,7 @@ def _weight_files(path: str) -> dict[str, Optional[list[str]]]:
 
 
 def load_params(path: str, config: Config) -> dict:
-  """Reads the safetensors weights under ``path`` into the layout pytree (float32 NumPy).
+  """Reads the safetensors weights under ``path`` into the layout pytree (float32 JAX arrays).
 
   Raises:
     FileNotFoundError: no weights file, or a shard the index lists is absent.
@@ -430,7 +431,7 @@ def load_params(path: str, config: Config) -> dict:
   names = _hf_names(config)
   shapes = layout.param_shapes(config)
   params: dict = {}
-  seen: set[str] = set()
+  file_of: dict[str, str] = {}  # HF tensor name -> the file it came from, for error messages
   for file_path, listed in _weight_files(path).items():
     st = _SafetensorsFile(file_path)
     if listed is not None:
@@ -450,9 +451,9 @@ def load_params(path: str, config: Config) -> dict:
                          f"qkv_bias={config.qkv_bias}, o_bias={config.o_bias}, "
                          f"mlp_bias={config.mlp_bias}, "
                          f"tie_word_embeddings={config.tie_word_embeddings})")
-      if name in seen:
+      if name in file_of:
         raise ValueError(f"{file_path}: tensor {name} appears in more than one file")
-      seen.add(name)
+      file_of[name] = file_path
       leaf_path, layer, transpose = names[name]
       full_shape = shapes
       for k in leaf_path:
@@ -463,8 +464,6 @@ def load_params(path: str, config: Config) -> dict:
         raise ValueError(f"{file_path}: tensor {name} has shape {st.shape(name)}, expected "
                          f"{hf_shape} from {CONFIG_FILE}")
       array = st.get(name)
-      if not np.isfinite(array).all():
-        raise ValueError(f"{file_path}: tensor {name} contains NaN or Inf values")
       if transpose:
         array = array.T
       node = params
@@ -477,12 +476,19 @@ def load_params(path: str, config: Config) -> dict:
         if leaf_path[-1] not in node:
           node[leaf_path[-1]] = np.empty(full_shape, np.float32)
         node[leaf_path[-1]][layer] = array
-  missing = sorted(set(names) - seen)
+  missing = sorted(set(names) - set(file_of))
   if missing:
     raise ValueError(f"{path}: missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''} "
                      f"required by {CONFIG_FILE}")
-  # Finiteness was checked per tensor above, where the message can name the file.
   layout.check_params(params, config, source=path)
+  params = loading.to_jax(params)
+  hf_name = {(leaf_path, layer): name for name, (leaf_path, layer, _) in names.items()}
+
+  def file_tensor(keys: tuple[str, ...], layer) -> str:
+    name = hf_name[(keys, layer if keys[0] == "layers" else None)]
+    return f"{file_of[name]}: tensor {name}"
+
+  loading.check_finite("load_hf_dir", params, file_tensor)
   return params
 
 
@@ -508,8 +514,12 @@ def load_hf_dir(path: str) -> Model:
       and its shards) and optionally tokenizer files.
 
   Returns:
-    `Model` with float32 NumPy params in the `prunerep_jax.layout` structure; tokenizer is None
+    `Model` with float32 JAX params in the `prunerep_jax.layout` structure; tokenizer is None
     (with a warning) when the directory has no tokenizer files.
+
+  Raises:
+    ValueError: besides the config and weight errors above, a tokenizer with more tokens than
+      config.json's vocab_size or special ids outside it (checked before the weights are read).
   """
   path = os.fspath(path)
   config_path = os.path.join(path, CONFIG_FILE)
@@ -522,5 +532,7 @@ def load_hf_dir(path: str) -> Model:
   except json.JSONDecodeError as e:
     raise ValueError(f"{config_path}: not valid JSON: {e}") from e
   config = config_from_hf(d, source=config_path)
+  tokenizer = _load_tokenizer(path)
+  loading.check_tokenizer(tokenizer, config, source=path)
   params = load_params(path, config)
-  return Model(config=config, params=params, tokenizer=_load_tokenizer(path), source=path)
+  return Model(config=config, params=params, tokenizer=tokenizer, source=path)

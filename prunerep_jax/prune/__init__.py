@@ -1,5 +1,7 @@
 """Pruning transforms: pure functions params -> PruneResult(params, masks, report)."""
 
+from prunerep_jax import validate
+
 from prunerep_jax.prune.patterns import NM, Unstructured, parse_pattern
 from prunerep_jax.prune.result import PruneResult
 from prunerep_jax.prune.calibrate import Calibration, calibration
@@ -22,6 +24,4 @@ METHODS = {
 
 def get(method: str):
   """The transform registered under `method` (see METHODS)."""
-  if method not in METHODS:
-    raise ValueError(f"unknown pruning method {method!r}; expected one of {sorted(METHODS)}")
-  return METHODS[method]
+  return METHODS[validate.choice("get", "method", method, sorted(METHODS))]

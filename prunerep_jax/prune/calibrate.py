@@ -26,8 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from prunerep_jax import batching
-from prunerep_jax import layout
 from prunerep_jax import model as M
+from prunerep_jax import validate
 from prunerep_jax.config import Config
 
 Array = jax.Array
@@ -44,12 +44,18 @@ _GROUP_SOURCE = {"attn_in": "q_proj", "o_in": "o_proj", "mlp_in": "gate_proj",
 STAT_KINDS = ("sq_sum", "hessian")
 
 
+# Calibration windows are stored as int32; ids are range-checked against this before the cast.
+_INT32_LIMIT = 2**31
+
+
 @dataclasses.dataclass(frozen=True)
 class Calibration:
   """Calibration token windows and where they came from.
 
   Attributes:
-    tokens: int32 [N, T] windows (no padding).
+    tokens: int32 [N, T] windows (no padding). Given in any integer dtype; ids are checked to be
+      in [0, 2**31) in that dtype before the cast, so an int64 id of 2**32 + 5 is refused rather
+      than wrapped to 5. `as_calibration` checks them against a model's vocabulary.
     info: JSON-serialisable provenance: source, split, nsamples, seqlen, seed, ...
   """
 
@@ -57,14 +63,12 @@ class Calibration:
   info: dict
 
   def __post_init__(self):
-    tokens = np.asarray(self.tokens)
-    if tokens.ndim != 2 or not np.issubdtype(tokens.dtype, np.integer):
-      raise ValueError(f"Calibration.tokens: expected an int array [N, T], got dtype "
-                       f"{tokens.dtype} shape {tokens.shape}")
-    if tokens.shape[0] < 1 or tokens.shape[1] < 1:
-      raise ValueError(f"Calibration.tokens: empty calibration set (shape {tokens.shape}); "
-                       "expected at least one sample of at least one token")
-    object.__setattr__(self, "tokens", tokens.astype(np.int32))
+    tokens = validate.tokens("Calibration", self.tokens, _INT32_LIMIT)
+    if not isinstance(self.info, dict):
+      raise validate.fail("Calibration", "info", self.info,
+                          "a dict of JSON-serialisable provenance (source, nsamples, ...)",
+                          error=TypeError)
+    object.__setattr__(self, "tokens", np.asarray(tokens))
 
 
 def calibration(tokenizer, source: str = "wikipedia", nsamples: int = 128, seqlen: int = 512,
@@ -72,32 +76,33 @@ def calibration(tokenizer, source: str = "wikipedia", nsamples: int = 128, seqle
   """Draws `nsamples` windows of `seqlen` tokens, reproducibly, from a text source.
 
   Args:
-    tokenizer: the model's tokenizer.
+    tokenizer: the model's tokenizer. A model loaded without one (a Hugging Face directory with
+      no tokenizer files) cannot use this; pass the pruning transform token ids [N, T] instead.
     source: "wikipedia" (the sample shipped in gensim, default), "news", or a local
       .txt / .jsonl file or Hugging Face dataset directory (see `prunerep_jax.data`).
     nsamples, seqlen: how many windows, of how many tokens.
-    seed: sampling seed.
+    seed: sampling seed, an integer in [0, 2**32).
   """
   from prunerep_jax import data
-  tokens, info = data.calibration_tokens(tokenizer, source=source, nsamples=nsamples,
-                                         seqlen=seqlen, seed=seed)
+  args = data.check_calibration_arguments("calibration", tokenizer, nsamples=nsamples,
+                                          seqlen=seqlen, seed=seed)
+  tokens, info = data.calibration_tokens(tokenizer, source=source, **args)
   return Calibration(tokens, dict(info))
 
 
 def as_calibration(calib, config: Config, method: str) -> Calibration:
-  """Accepts a Calibration or a raw int array [N, T]; checks token ids against the vocab."""
+  """A Calibration from a Calibration or raw integer token ids [N, T], ids checked against the
+  vocabulary [0, config.vocab_size) in their own dtype (before any cast)."""
   if calib is None:
-    raise ValueError(f"{method}: calibration is required (a Calibration from "
-                     "pj.prune.calibration(...) or int tokens [N, T])")
-  if not isinstance(calib, Calibration):
-    arr = np.asarray(calib)
-    calib = Calibration(arr, {"source": "array", "nsamples": int(arr.shape[0]) if arr.ndim else 0,
-                              "seqlen": int(arr.shape[1]) if arr.ndim > 1 else 0})
-  lo, hi = int(calib.tokens.min()), int(calib.tokens.max())
-  if lo < 0 or hi >= config.vocab_size:
-    raise ValueError(f"{method}: calibration token ids span [{lo}, {hi}], outside the vocabulary "
-                     f"[0, {config.vocab_size})")
-  return calib
+    raise validate.fail(method, "calibration", calib,
+                        "a Calibration (pj.prune.calibration(tokenizer, ...)) or integer token "
+                        "ids [N, T]; this method needs calibration data")
+  if isinstance(calib, Calibration):
+    validate.tokens(method, calib.tokens, config.vocab_size, name="calibration.tokens")
+    return calib
+  tokens = validate.tokens(method, calib, config.vocab_size, name="calibration")
+  return Calibration(tokens, {"source": "array", "nsamples": int(tokens.shape[0]),
+                              "seqlen": int(tokens.shape[1])})
 
 
 # ------------------------------------------------------------------------- layer functions
@@ -170,7 +175,8 @@ def sequential(params, config: Config, calib: Calibration, kind: Optional[str],
   """Prunes layer after layer on the outputs of the already pruned ones.
 
   Args:
-    params, config: the dense model.
+    params, config: the dense model, already validated (layout and finiteness) by the calling
+      transform at its entry.
     calib: calibration windows.
     kind: statistic to collect per layer ("sq_sum" or "hessian").
     prune_layer: (layer index, layer params, stats, ntokens) -> (new layer params,
@@ -180,12 +186,11 @@ def sequential(params, config: Config, calib: Calibration, kind: Optional[str],
   Returns:
     (new params, per-layer list of masks, per-layer list of reports, timings dict).
   """
-  if kind not in STAT_KINDS:
-    raise ValueError(f"sequential: kind={kind!r}, expected one of {STAT_KINDS}")
-  if not isinstance(batch_size, int) or batch_size < 1:
-    raise ValueError(f"{method}: batch_size={batch_size!r}, expected a positive integer")
-  layout.check_params(params, config, source=f"{method}(params)")
-  layout.check_finite(params, source=f"{method}(params)")
+  kind = validate.choice("sequential", "kind", kind, STAT_KINDS)
+  batch_size = validate.integer(method, "batch_size", batch_size, minimum=1)
+  if not isinstance(calib, Calibration):
+    raise validate.fail("sequential", "calib", calib, "a Calibration (see as_calibration)",
+                        error=TypeError)
   t_start = time.perf_counter()
   tokens = jnp.asarray(calib.tokens)
   ntokens = int(tokens.size)
@@ -196,12 +201,11 @@ def sequential(params, config: Config, calib: Calibration, kind: Optional[str],
   for l, layer_p in enumerate(layers):
     t0 = time.perf_counter()
     stats = layer_statistics(layer_p, config, h, kind, batch_size)
-    stats = jax.block_until_ready(stats)
-    for group, s in stats.items():
-      if not bool(jnp.all(jnp.isfinite(s))):
-        raise ValueError(f"{method}: calibration statistics of layer {l} ({group}, kind={kind}) "
-                         "contain NaN or Inf; the activations overflowed or the weights of "
-                         "earlier layers are not finite")
+    bad = validate.first_nonfinite(stats)
+    if bad is not None:
+      raise ValueError(f"{method}: calibration statistics of layer {l} ({bad}, kind={kind}) "
+                       "contain NaN or Inf; the activations overflowed or the weights of "
+                       "earlier layers are not finite")
     t1 = time.perf_counter()
     layers[l], layer_masks, rep = prune_layer(l, layer_p, stats, ntokens)
     t2 = time.perf_counter()

@@ -16,16 +16,15 @@ from __future__ import annotations
 
 import functools
 import time
-from typing import Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from prunerep_jax import batching
-from prunerep_jax import layout
 from prunerep_jax import metrics
 from prunerep_jax import model as M
+from prunerep_jax import validate
 from prunerep_jax.config import Config
 from prunerep_jax.prune import calibrate
 from prunerep_jax.prune.result import PruneResult
@@ -67,11 +66,14 @@ def similarity(params, config: Config, calibration, *, score: str = "residual",
                batch_size: int = 4, method: str = "similarity") -> dict:
   """Mean cosine scores over all calibration tokens.
 
+  params are not validated here: the drop transforms check them once at their entry, and call
+  this once per round.
+
   Returns dict with "attn" [L], "mlp" [L] (sublayer scores of the chosen kind), "block" [L]
   (cos(block input, block output)) and "pair" [L + 1, L + 1] (cos between block inputs).
   """
-  if score not in SCORES:
-    raise ValueError(f"{method}: score={score!r}, expected one of {SCORES}")
+  score = validate.choice(method, "score", score, SCORES)
+  batch_size = validate.integer(method, "batch_size", batch_size, minimum=1)
   calib = calibrate.as_calibration(calibration, config, method)
   tokens = np.asarray(calib.tokens)
   sub = pair = 0.0
@@ -86,20 +88,37 @@ def similarity(params, config: Config, calibration, *, score: str = "residual",
 
 
 def _check_count(n, available: int, what: str, method: str) -> int:
-  if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
-    raise ValueError(f"{method}: n={n!r}, expected an integer count of {what} to drop")
-  if n < 0 or n > available:
-    raise ValueError(f"{method}: n={n}, but only {available} {what} can be dropped; expected "
-                     f"0 <= n <= {available}")
-  return int(n)
+  return validate.integer(method, "n", n, minimum=0, maximum=available,
+                          expected=f"an integer in [0, {available}] (how many {what} to drop)")
 
 
-def zero_sublayers(params, dropped: list[tuple[int, str]]):
-  """Params with the output projections (kernel and bias) of the given (layer, kind) zeroed."""
-  layers = jax.tree_util.tree_map(lambda x: x, params["layers"])
-  for l, kind in dropped:
-    proj = layers[kind][_OUT_PROJ[kind]]
-    layers[kind][_OUT_PROJ[kind]] = {k: v.at[l].set(0) for k, v in proj.items()}
+def zero_sublayers(params, dropped):
+  """Params with the output projections (kernel and bias) of the given sublayers zeroed.
+
+  Args:
+    params: params pytree (leaves NumPy or JAX arrays; the result's changed leaves are JAX).
+    dropped: (layer, kind) pairs, kind "attn" or "mlp".
+
+  Returns:
+    A new pytree sharing every unchanged leaf with `params`.
+  """
+  num_layers = np.shape(params["layers"]["attn"]["o_proj"]["kernel"])[0]
+  by_kind: dict[str, list[int]] = {k: [] for k in _OUT_PROJ}
+  for i, item in enumerate(dropped):
+    if (not isinstance(item, (tuple, list)) or len(item) != 2 or item[1] not in _OUT_PROJ
+        or isinstance(item[0], bool) or not isinstance(item[0], (int, np.integer))
+        or not 0 <= item[0] < num_layers):
+      raise validate.fail("zero_sublayers", f"dropped[{i}]", item,
+                          f"a (layer, kind) pair with layer in [0, {num_layers}) and kind in "
+                          f"{tuple(_OUT_PROJ)}")
+    by_kind[item[1]].append(int(item[0]))
+  layers = dict(params["layers"])
+  for kind, ls in by_kind.items():
+    if ls:
+      proj_name = _OUT_PROJ[kind]
+      idx = np.asarray(sorted(set(ls)))
+      proj = {k: jnp.asarray(v).at[idx].set(0) for k, v in layers[kind][proj_name].items()}
+      layers[kind] = dict(layers[kind], **{proj_name: proj})
   return dict(params, layers=layers)
 
 
@@ -123,15 +142,14 @@ def drop_sublayers(params, config: Config, n: int, *, kind: str = "attn", calibr
   """
   t0 = time.perf_counter()
   method = "drop_sublayers"
-  if kind not in SUBLAYER_KINDS:
-    raise ValueError(f"{method}: kind={kind!r}, expected one of {SUBLAYER_KINDS}")
-  if score not in SCORES:
-    raise ValueError(f"{method}: score={score!r}, expected one of {SCORES}")
+  kind = validate.choice(method, "kind", kind, SUBLAYER_KINDS)
+  score = validate.choice(method, "score", score, SCORES)
+  iterative = validate.boolean(method, "iterative", iterative)
+  batch_size = validate.integer(method, "batch_size", batch_size, minimum=1)
+  validate.params(method, params, config, finite=True)
   L = config.num_layers
   kinds = ("attn", "mlp") if kind == "joint" else (kind,)
   n = _check_count(n, L * len(kinds), f"{kind} sublayers", method)
-  layout.check_params(params, config, source=f"{method}(params)")
-  layout.check_finite(params, source=f"{method}(params)")
   calib = calibrate.as_calibration(calibration, config, method)
   dropped: list[tuple[int, str]] = []
   rounds = []
@@ -181,10 +199,11 @@ def drop_blocks(params, config: Config, n: int, *, calibration=None, consecutive
   """
   t0 = time.perf_counter()
   method = "drop_blocks"
+  consecutive = validate.boolean(method, "consecutive", consecutive)
+  batch_size = validate.integer(method, "batch_size", batch_size, minimum=1)
+  validate.params(method, params, config, finite=True)
   L = config.num_layers
   n = _check_count(n, L - 1, "blocks (at least one must remain)", method)
-  layout.check_params(params, config, source=f"{method}(params)")
-  layout.check_finite(params, source=f"{method}(params)")
   calib = calibrate.as_calibration(calibration, config, method)
   if n == 0:
     report = {"method": "drop_blocks", "n": 0, "consecutive": consecutive, "dropped": [],

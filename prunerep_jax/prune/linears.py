@@ -8,42 +8,58 @@ patterns over names like "attn/q_proj" or "mlp/down_proj" (e.g. include=("mlp/*"
 from __future__ import annotations
 
 import fnmatch
+import numbers
 from typing import Optional, Sequence, Union
 
 import jax.numpy as jnp
 import numpy as np
 
 from prunerep_jax import layout
+from prunerep_jax import validate
 from prunerep_jax.prune import patterns
 
 Linear = tuple[str, str]  # (sublayer, name), e.g. ("attn", "q_proj")
 
 
 def select(include: Optional[Sequence[str]] = None, method: str = "prune") -> list[Linear]:
-  """The block linears matching any of the fnmatch patterns in `include` (default: all)."""
+  """The block linears matching the fnmatch patterns in `include` (default: all seven).
+
+  Every pattern must match at least one linear: a typo in one of several patterns would otherwise
+  prune less than asked, silently.
+  """
   names = [f"{s}/{n}" for s, n in layout.BLOCK_LINEARS]
   if include is None:
     return list(layout.BLOCK_LINEARS)
-  if isinstance(include, str):
-    include = (include,)
-  chosen = [lin for lin, name in zip(layout.BLOCK_LINEARS, names)
-            if any(fnmatch.fnmatchcase(name, pat) for pat in include)]
-  if not chosen:
-    raise ValueError(f"{method}: include={tuple(include)!r} matches no linear layer; expected "
-                     f"patterns over {names}")
-  return chosen
+  what = f"fnmatch patterns over {names}, e.g. ('mlp/*',)"
+  pats = (include,) if isinstance(include, str) else include
+  try:
+    pats = tuple(pats)
+  except TypeError:
+    raise validate.fail(method, "include", include, what) from None
+  if not pats or not all(isinstance(p, str) for p in pats):
+    raise validate.fail(method, "include", include, f"a non-empty sequence of {what}")
+  for pat in pats:
+    if not any(fnmatch.fnmatchcase(name, pat) for name in names):
+      raise validate.fail(method, "include", include,
+                          f"{what}, each matching at least one; pattern {pat!r} matches none")
+  return [lin for lin, name in zip(layout.BLOCK_LINEARS, names)
+          if any(fnmatch.fnmatchcase(name, pat) for pat in pats)]
 
 
 def as_pattern(pattern: Union[patterns.Pattern, str, float], method: str) -> patterns.Pattern:
   """Accepts Unstructured/NM, "2:4" / "0.5" strings, or a float sparsity."""
+  expected = ("a sparsity in [0, 1), 'n:m' with 0 < n < m, or a patterns.Unstructured / "
+              "patterns.NM value")
   if isinstance(pattern, (patterns.Unstructured, patterns.NM)):
     return pattern
-  if isinstance(pattern, str):
-    return patterns.parse_pattern(pattern)
-  if isinstance(pattern, (int, float)) and not isinstance(pattern, bool):
-    return patterns.Unstructured(float(pattern))
-  raise ValueError(f"{method}: pattern={pattern!r}; expected a sparsity in [0, 1), 'n:m', or a "
-                   "patterns.Unstructured / patterns.NM value")
+  try:
+    if isinstance(pattern, str):
+      return patterns.parse_pattern(pattern)
+    if isinstance(pattern, numbers.Real) and not isinstance(pattern, (bool, np.bool_)):
+      return patterns.Unstructured(float(pattern))
+  except ValueError as e:
+    raise validate.fail(method, "pattern", pattern, f"{expected} ({e})") from None
+  raise validate.fail(method, "pattern", pattern, expected)
 
 
 def check_nm_divides(pattern, config, linears: list[Linear], method: str) -> None:
@@ -53,8 +69,9 @@ def check_nm_divides(pattern, config, linears: list[Linear], method: str) -> Non
   for sub, name in linears:
     d_in = shapes[sub][name]["kernel"][1]
     if d_in % pattern.m:
-      raise ValueError(f"{method}: pattern {pattern} needs the input dim of {sub}/{name} "
-                       f"({d_in}) to be divisible by m={pattern.m}")
+      raise validate.fail(method, "pattern", pattern,
+                          f"an n:m pattern whose m divides the input dim of every pruned linear; "
+                          f"{sub}/{name} has {d_in} inputs, not divisible by m={pattern.m}")
 
 
 def masks_tree(per_layer: list[dict], linears: list[Linear]) -> dict:

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from prunerep_jax import validate
 from prunerep_jax.prune import calibrate
 from prunerep_jax.prune import patterns
 from prunerep_jax.prune.result import PruneResult
@@ -31,6 +32,9 @@ def neuron_scores(w_down: jax.Array, act_sq_sum: jax.Array) -> jax.Array:
 
   Returns:
     [..., F] float32 scores.
+
+  Shapes are checked; values are not (no host round trip): `neurons` refuses non-finite params at
+  its entry.
   """
   w_shape, a_shape = tuple(np.shape(w_down)), tuple(np.shape(act_sq_sum))
   if len(w_shape) < 2:
@@ -38,7 +42,6 @@ def neuron_scores(w_down: jax.Array, act_sq_sum: jax.Array) -> jax.Array:
   if a_shape != w_shape[:-1]:
     raise ValueError(f"neuron_scores: act_sq_sum must have shape [..., F] = {w_shape[:-1]} to "
                      f"match w_down of shape {w_shape}, got {a_shape}")
-  patterns.check_finite("neuron_scores: act_sq_sum", act_sq_sum)
   mean_abs = jnp.mean(jnp.abs(jnp.asarray(w_down, jnp.float32)), axis=-1)
   return mean_abs * jnp.asarray(act_sq_sum, jnp.float32)
 
@@ -132,7 +135,11 @@ def neurons(params, config, sparsity: float = 0.5, *, calibration=None, remove: 
     PruneResult; masks["layers"]["mlp"]["channels"] is the [L, F] keep-mask of channels.
   """
   t0 = time.perf_counter()
-  sparsity = patterns.check_sparsity(sparsity)
+  sparsity = validate.number("neurons", "sparsity", sparsity, minimum=0.0, maximum=1.0,
+                             max_open=True)
+  remove = validate.boolean("neurons", "remove", remove)
+  batch_size = validate.integer("neurons", "batch_size", batch_size, minimum=1)
+  validate.params("neurons", params, config, finite=True)
   calib = calibrate.as_calibration(calibration, config, "neurons")
   if sparsity == 0.0:
     keep = jnp.ones((config.num_layers, config.intermediate_size), bool)

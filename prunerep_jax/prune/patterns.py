@@ -103,20 +103,6 @@ def parse_pattern(text: str) -> Pattern:
   return Unstructured(sparsity)
 
 
-def check_finite(name: str, x) -> None:
-  """Raises ValueError if the concrete array `x` holds NaN or Inf; tracers pass unchecked.
-
-  Under an outer `jax.jit` the values are unknown, so callers that want the check run it on
-  concrete inputs (the public `pj.prune` transforms do).
-  """
-  if isinstance(x, jax.core.Tracer):
-    return
-  bad = ~np.isfinite(np.asarray(x, dtype=np.float32))
-  if bad.any():
-    raise ValueError(f"{name} contains {int(bad.sum())} NaN or Inf values "
-                     f"(shape {tuple(np.shape(x))}); expected finite values")
-
-
 def _check_matrix(score, fn: str) -> None:
   if np.ndim(score) < 2:
     raise ValueError(f"{fn}: score must have shape [..., I, O], got shape {tuple(np.shape(score))}")

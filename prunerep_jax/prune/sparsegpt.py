@@ -31,12 +31,12 @@ from __future__ import annotations
 
 import functools
 import time
-import numbers
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from prunerep_jax import validate
 from prunerep_jax.prune import calibrate
 from prunerep_jax.prune import linears as lin
 from prunerep_jax.prune import patterns
@@ -175,8 +175,9 @@ def sparsegpt_prune(w: jax.Array, hessian: jax.Array, pattern: patterns.Pattern,
     bool, True = keep. At sparsity 0, w itself and an all-True mask.
 
   Raises:
-    ValueError: bad shapes or arguments, non-finite w or hessian, or a Hessian that stays
-      non-positive-definite after the damping retries.
+    ValueError: bad shapes or arguments, or a Hessian whose factor stays non-finite after the
+      damping retries (not positive definite, or holding NaN/Inf). The values of w are not
+      checked here; `sparsegpt` refuses non-finite params at its entry.
   """
   w_shape, h_shape = tuple(np.shape(w)), tuple(np.shape(hessian))
   if len(w_shape) != 2:
@@ -184,12 +185,8 @@ def sparsegpt_prune(w: jax.Array, hessian: jax.Array, pattern: patterns.Pattern,
   if h_shape != (w_shape[0],) * 2:
     raise ValueError(f"sparsegpt_prune: hessian of {name} must have shape [I, I] = "
                      f"{(w_shape[0],) * 2} for weight shape {w_shape}, got {h_shape}")
-  if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize <= 0:
-    raise ValueError(f"sparsegpt_prune: blocksize must be a positive int, got {blocksize!r}")
-  if (isinstance(percdamp, bool) or not isinstance(percdamp, numbers.Real)
-      or not 0.0 < percdamp < float("inf")):
-    raise ValueError(f"sparsegpt_prune: percdamp must be a positive finite number, got "
-                     f"{percdamp!r}")
+  blocksize = validate.integer("sparsegpt_prune", "blocksize", blocksize, minimum=1)
+  percdamp = validate.number("sparsegpt_prune", "percdamp", percdamp, minimum=0.0, min_open=True)
   if isinstance(pattern, patterns.NM):
     n, m, sparsity = pattern.n, pattern.m, pattern.sparsity
     if w_shape[0] % m:
@@ -202,8 +199,6 @@ def sparsegpt_prune(w: jax.Array, hessian: jax.Array, pattern: patterns.Pattern,
     n, m, sparsity = 0, 0, pattern.sparsity
   else:
     raise ValueError(f"sparsegpt_prune: pattern must be Unstructured or NM, got {pattern!r}")
-  patterns.check_finite(f"sparsegpt_prune: {name}", w)
-  patterns.check_finite(f"sparsegpt_prune: hessian of {name}", hessian)
   if sparsity == 0.0:
     return jnp.asarray(w), jnp.ones(w_shape, bool)
 
@@ -218,8 +213,8 @@ def sparsegpt_prune(w: jax.Array, hessian: jax.Array, pattern: patterns.Pattern,
         break
     else:
       raise ValueError(f"sparsegpt_prune: Cholesky of the hessian of {name} (shape {h_shape}) is "
-                       f"not finite with percdamp {tried}; expected a positive semi-definite "
-                       "Hessian of calibration inputs")
+                       f"not finite with percdamp {tried}; expected a finite, positive "
+                       "semi-definite Hessian of calibration inputs")
     new_w, prune = _fasterprune(jnp.asarray(w, jnp.float32), upper, dead, blocksize=blocksize,
                                 sparsity=sparsity, n=n, m=m)
   return new_w.astype(jnp.asarray(w).dtype), ~prune
@@ -241,6 +236,14 @@ def sparsegpt(params, config, pattern=0.5, *, calibration=None, blocksize: int =
   t0 = time.perf_counter()
   pattern = lin.as_pattern(pattern, "sparsegpt")
   chosen = lin.select(include, "sparsegpt")
+  blocksize = validate.integer("sparsegpt", "blocksize", blocksize, minimum=1)
+  percdamp = validate.number("sparsegpt", "percdamp", percdamp, minimum=0.0, min_open=True)
+  if isinstance(pattern, patterns.NM) and blocksize % pattern.m:
+    raise validate.fail("sparsegpt", "blocksize", blocksize,
+                        f"a multiple of m={pattern.m} of pattern {pattern} (N:M groups must not "
+                        "straddle blocks)")
+  batch_size = validate.integer("sparsegpt", "batch_size", batch_size, minimum=1)
+  validate.params("sparsegpt", params, config, finite=True)
   lin.check_nm_divides(pattern, config, chosen, "sparsegpt")
   calib = calibrate.as_calibration(calibration, config, "sparsegpt")
 

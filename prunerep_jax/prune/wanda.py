@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from prunerep_jax import validate
 from prunerep_jax.prune import calibrate
 from prunerep_jax.prune import linears as lin
 from prunerep_jax.prune import patterns
@@ -40,11 +41,6 @@ def _check_inputs(w, act_sq_mean, fn: str) -> None:
   if a_shape != w_shape[:-1]:
     raise ValueError(f"{fn}: act_sq_mean must have shape [..., I] = {w_shape[:-1]} to match w of "
                      f"shape {w_shape}, got {a_shape}")
-  patterns.check_finite(f"{fn}: w", w)
-  patterns.check_finite(f"{fn}: act_sq_mean", act_sq_mean)
-  if not isinstance(act_sq_mean, jax.core.Tracer) and (np.asarray(act_sq_mean) < 0).any():
-    raise ValueError(f"{fn}: act_sq_mean holds negative values (min "
-                     f"{float(np.min(act_sq_mean))}); expected mean squared activations >= 0")
 
 
 def wanda_scores(w: jax.Array, act_sq_mean: jax.Array) -> jax.Array:
@@ -52,10 +48,14 @@ def wanda_scores(w: jax.Array, act_sq_mean: jax.Array) -> jax.Array:
 
   Args:
     w: [..., I, O] weights.
-    act_sq_mean: [..., I] mean over calibration tokens of the squared input of each input channel.
+    act_sq_mean: [..., I] mean over calibration tokens of the squared input of each input channel
+      (>= 0: a negative entry gives NaN scores).
 
   Returns:
     [..., I, O] float32 scores.
+
+  Shapes are checked; values are not (no host round trip, so this stays jittable): `wanda`
+  refuses non-finite params at its entry and its statistics are sums of squares.
   """
   _check_inputs(w, act_sq_mean, "wanda_scores")
   norm = jnp.sqrt(jnp.asarray(act_sq_mean, jnp.float32))
@@ -173,10 +173,14 @@ def wanda(params, config, pattern=0.5, *, calibration=None, use_variant: bool = 
 
   t0 = time.perf_counter()
   pattern = lin.as_pattern(pattern, "wanda")
+  use_variant = validate.boolean("wanda", "use_variant", use_variant)
   if use_variant and not isinstance(pattern, patterns.Unstructured):
-    raise ValueError(f"wanda: use_variant=True needs an unstructured sparsity, got pattern "
-                     f"{pattern}")
+    raise validate.fail("wanda", "use_variant", use_variant,
+                        f"False with pattern {pattern}: use_variant=True needs an unstructured "
+                        "sparsity")
   chosen = lin.select(include, "wanda")
+  batch_size = validate.integer("wanda", "batch_size", batch_size, minimum=1)
+  validate.params("wanda", params, config, finite=True)
   lin.check_nm_divides(pattern, config, chosen, "wanda")
   calib = calibrate.as_calibration(calibration, config, "wanda")
   alphas = {}

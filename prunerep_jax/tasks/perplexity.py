@@ -2,7 +2,7 @@
 
 Both reduce inside one jitted function per batch shape to per-row sums, so only [B] numbers
 reach the host; the vocabulary-sized logits exist one chunk of positions at a time on the device.
-The last batch is padded with zero-weight rows to the same shape instead of compiling a new one.
+The last batch is padded (`prunerep_jax.batching`) to the same shape instead of compiling a new one.
 
 Shape letters: W windows, B batch, T positions per window, C positions per chunk, D hidden,
 V vocab.
@@ -11,37 +11,17 @@ V vocab.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from prunerep_jax import batching
 from prunerep_jax import metrics
+from prunerep_jax import validate
 from prunerep_jax.config import Config
 from prunerep_jax.model import forward, lm_head
-
-# At most this many float32 logits ([B, C, V]) live at once: 2**25 is 128 MiB, which a CPU host
-# with a 49k vocabulary and B = 8 reaches at C ~ 85 positions.
-_LOGIT_ELEMENTS = 1 << 25
-
-
-def _chunk_size(batch: int, positions: int, vocab: int) -> int:
-  return max(1, min(positions, _LOGIT_ELEMENTS // (batch * vocab)))
-
-
-def _map_chunks(fn: Callable[..., tuple], chunk: int, *xs: jax.Array) -> tuple:
-  """fn over position chunks of xs [B, T, ...] -> tuple of [B, T] arrays (T padded, then cut)."""
-  B, T = xs[0].shape[:2]
-  n = -(-T // chunk)
-  pad = n * chunk - T
-
-  def to_chunks(x):  # [B, T, ...] -> [n, B, C, ...]
-    x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
-    return jnp.moveaxis(x.reshape((B, n, chunk) + x.shape[2:]), 1, 0)
-
-  outs = jax.lax.map(lambda args: fn(*args), tuple(to_chunks(x) for x in xs))
-  return tuple(jnp.moveaxis(o, 0, 1).reshape(B, n * chunk)[:, :T] for o in outs)
 
 
 @functools.partial(jax.jit, static_argnums=(1, 3))
@@ -53,7 +33,7 @@ def _nll_row_sums(params, config: Config, tokens: jax.Array, chunk: int) -> jax.
     logp = jax.nn.log_softmax(lm_head(params, config, h), axis=-1)  # [B, C, V] float32
     return (-jnp.take_along_axis(logp, target[..., None], axis=-1)[..., 0],)
 
-  (per_position,) = _map_chunks(nll, chunk, hidden[:, :-1], tokens[:, 1:])
+  (per_position,) = batching.map_chunks(nll, chunk, hidden[:, :-1], tokens[:, 1:])
   return jnp.sum(per_position, axis=1)
 
 
@@ -71,38 +51,17 @@ def _kl_row_sums(params_dense, params_pruned, config_dense: Config, config_prune
     agree = jnp.argmax(z_dense, axis=-1) == jnp.argmax(z_pruned, axis=-1)
     return metrics.kl(z_dense, z_pruned), agree.astype(jnp.float32)
 
-  kl, agree = _map_chunks(compare, chunk, h_dense, h_pruned)
+  kl, agree = batching.map_chunks(compare, chunk, h_dense, h_pruned)
   return jnp.sum(kl, axis=1), jnp.sum(agree, axis=1)
 
 
-def _check_tokens(tokens: Any, vocab_size: int, min_positions: int) -> np.ndarray:
-  tokens = np.asarray(tokens)
-  if tokens.ndim != 2:
-    raise ValueError(f"tokens: expected an int array [W, T], got shape {tokens.shape}")
-  if not np.issubdtype(tokens.dtype, np.integer):
-    raise ValueError(f"tokens: expected an integer dtype, got {tokens.dtype}")
-  if tokens.shape[0] < 1 or tokens.shape[1] < min_positions:
-    raise ValueError(f"tokens: shape {tokens.shape}: expected at least 1 window of at least "
-                     f"{min_positions} positions")
-  if tokens.min() < 0 or tokens.max() >= vocab_size:
-    raise ValueError(f"tokens: ids span {tokens.min()}..{tokens.max()}, outside the vocabulary "
-                     f"[0, {vocab_size})")
-  return tokens.astype(np.int32)
-
-
-def _batches(tokens: np.ndarray, batch_size: Any):
-  """Yields ([B, T] batch, number of real rows); the last batch is padded with rows of zeros."""
-  if (isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer))
-      or batch_size < 1):
-    raise ValueError(f"batch_size={batch_size!r}: expected an integer >= 1")
-  W, T = tokens.shape
-  B = min(int(batch_size), W)  # one compiled shape; never more padding rows than windows
-  for start in range(0, W, B):
-    batch = tokens[start:start + B]
-    real = batch.shape[0]
-    if real < B:
-      batch = np.concatenate([batch, np.zeros((B - real, T), np.int32)])
-    yield batch, real
+def _check_tokens(fn: str, tokens: Any, vocab_size: int, min_positions: int) -> np.ndarray:
+  """Token windows [W, T] as int32, ids range-checked before the cast, T >= min_positions."""
+  tokens = validate.tokens(fn, tokens, vocab_size)
+  if tokens.shape[1] < min_positions:
+    raise validate.fail(fn, "tokens", tokens, f"token windows [W, T] with T >= {min_positions}; "
+                        f"got shape {tokens.shape}")
+  return tokens
 
 
 def perplexity(params, config: Config, tokens, batch_size: int = 8) -> dict:
@@ -119,11 +78,15 @@ def perplexity(params, config: Config, tokens, batch_size: int = 8) -> dict:
     {"ppl": exp(nll), "nll": mean negative log-likelihood per predicted token (nats),
     "tokens": W * (T - 1) predicted tokens}.
   """
-  tokens = _check_tokens(tokens, config.vocab_size, min_positions=2)
+  fn = "perplexity"
+  validate.params(fn, params, config)
+  tokens = _check_tokens(fn, tokens, config.vocab_size, min_positions=2)
+  batch_size = validate.integer(fn, "batch_size", batch_size, minimum=1)
   sums = []
-  for batch, real in _batches(tokens, batch_size):
-    chunk = _chunk_size(batch.shape[0], batch.shape[1] - 1, config.vocab_size)
-    sums.append((_nll_row_sums(params, config, jnp.asarray(batch), chunk), real))
+  chunk = batching.chunk_size(batching.batch_size_for(tokens.shape[0], batch_size),
+                              tokens.shape[1] - 1, config.vocab_size)
+  for b in batching.batches(tokens.shape[0], batch_size):
+    sums.append((_nll_row_sums(params, config, jnp.asarray(tokens[b.rows]), chunk), b.real))
   total = sum(np.asarray(s, np.float64)[:real].sum() for s, real in sums)
   count = tokens.shape[0] * (tokens.shape[1] - 1)
   nll = float(total / count)
@@ -145,17 +108,23 @@ def next_token_kl(params_dense, params_pruned, config_dense: Config, config_prun
     {"kl": mean KL(p_dense || p_pruned) per position (nats), "top1_agreement": fraction of
     positions where the two argmax tokens agree, "tokens": W * T positions}.
   """
-  if config_dense.vocab_size != config_pruned.vocab_size:
-    raise ValueError(f"config_pruned.vocab_size={config_pruned.vocab_size} differs from "
+  fn = "next_token_kl"
+  validate.params(fn, params_dense, config_dense)
+  # Checked before the pruned params: a params/config mismatch there would hide the real cause.
+  if isinstance(config_pruned, Config) and config_pruned.vocab_size != config_dense.vocab_size:
+    raise ValueError(f"{fn}: config_pruned.vocab_size={config_pruned.vocab_size} differs from "
                      f"config_dense.vocab_size={config_dense.vocab_size}; next-token "
                      "distributions can only be compared over the same vocabulary")
-  tokens = _check_tokens(tokens, config_dense.vocab_size, min_positions=1)
+  validate.params(fn, params_pruned, config_pruned)
+  tokens = _check_tokens(fn, tokens, config_dense.vocab_size, min_positions=1)
+  batch_size = validate.integer(fn, "batch_size", batch_size, minimum=1)
   sums = []
-  for batch, real in _batches(tokens, batch_size):
-    chunk = _chunk_size(batch.shape[0], batch.shape[1], config_dense.vocab_size)
+  chunk = batching.chunk_size(batching.batch_size_for(tokens.shape[0], batch_size),
+                              tokens.shape[1], config_dense.vocab_size)
+  for b in batching.batches(tokens.shape[0], batch_size):
     kl, agree = _kl_row_sums(params_dense, params_pruned, config_dense, config_pruned,
-                             jnp.asarray(batch), chunk)
-    sums.append((kl, agree, real))
+                             jnp.asarray(tokens[b.rows]), chunk)
+    sums.append((kl, agree, b.real))
   kl_total = sum(np.asarray(k, np.float64)[:real].sum() for k, _, real in sums)
   agree_total = sum(np.asarray(a, np.float64)[:real].sum() for _, a, real in sums)
   count = tokens.shape[0] * tokens.shape[1]

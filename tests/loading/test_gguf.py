@@ -67,12 +67,15 @@ def transformers_gguf_tensors(default_path):
 
 # A tiny llama GGUF written here, F32 tensors, so name mapping, orientation and the q/k
 # un-permutation are checked exactly on values we chose.
-TINY = dict(L=2, D=16, F=24, N=4, K=2, H=4, V=259)
+TINY = dict(L=2, D=16, F=24, N=4, K=2, H=4, V=260)
+# Control tokens first, as in SmolLM2's vocabulary. "<|endoftext|>" must be in the file: without
+# it transformers' GPT-2 conversion appends it as an extra token past the vocabulary.
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 
 def _byte_vocab() -> list[str]:
   from transformers.convert_slow_tokenizer import bytes_to_unicode
-  return list(bytes_to_unicode().values()) + ["he", "<|im_start|>", "<|im_end|>"]
+  return SPECIALS + list(bytes_to_unicode().values()) + ["he"]
 
 
 def _llama_cpp_permute(w: np.ndarray, heads: int) -> np.ndarray:
@@ -116,10 +119,10 @@ def write_tiny_gguf(path, arch="llama", weights=None, **metadata) -> str:
   vocab = _byte_vocab()
   writer.add_tokenizer_model("gpt2")
   writer.add_token_list(vocab)
-  writer.add_token_types([1] * (len(vocab) - 2) + [3, 3])
+  writer.add_token_types([3] * len(SPECIALS) + [1] * (len(vocab) - len(SPECIALS)))
   writer.add_token_merges(["h e"])
-  writer.add_bos_token_id(len(vocab) - 2)
-  writer.add_eos_token_id(len(vocab) - 1)
+  writer.add_bos_token_id(SPECIALS.index("<|im_start|>"))
+  writer.add_eos_token_id(SPECIALS.index("<|im_end|>"))
   writer.add_chat_template("{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
                            "{{ m['content'] }}<|im_end|>\n{% endfor %}"
                            "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
@@ -305,6 +308,8 @@ def test_tiny_gguf_maps_names_transposes_and_unpermutes_qk(tiny_path):
   w, p, c = _tiny_hf_weights(), model.params, model.config
   assert (c.num_layers, c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim) == (2, 16, 4, 2, 4)
   assert not c.tie_word_embeddings and c.vocab_size == TINY["V"]
+  for leaf in jax.tree_util.tree_leaves(p):
+    assert isinstance(leaf, jax.Array) and leaf.dtype == jnp.float32
   np.testing.assert_array_equal(p["embed"]["embedding"], w["embed"])
   np.testing.assert_array_equal(p["lm_head"]["kernel"], w["lm_head"].T)
   np.testing.assert_array_equal(p["final_norm"]["scale"], w["norm"])
@@ -387,6 +392,16 @@ def test_nan_tensor_raises_naming_the_tensor(tmp_path):
   weights["1.up"][3, 5] = np.nan
   path = write_tiny_gguf(tmp_path / "nan.gguf", weights=weights)
   with pytest.raises(ValueError, match=r"nan\.gguf: tensor blk\.1\.ffn_up\.weight contains NaN"):
+    gguf_loader.load_gguf(path)
+
+
+def test_tokenizer_larger_than_the_vocabulary_raises_naming_both_sizes(tmp_path):
+  # The embedding and the declared vocabulary have 259 rows; the token list has 260 entries.
+  weights = _tiny_hf_weights()
+  weights["embed"], weights["lm_head"] = weights["embed"][:-1], weights["lm_head"][:-1]
+  path = write_tiny_gguf(tmp_path / "short_vocab.gguf", weights=weights, vocab_size=259)
+  with pytest.raises(ValueError, match=r"short_vocab\.gguf: the tokenizer has 260 tokens \(ids "
+                                       r"up to 259\) but the model's vocab_size is 259"):
     gguf_loader.load_gguf(path)
 
 

@@ -329,3 +329,75 @@ def test_unknown_field_in_directory_names_config_json(llama_dir, copy_of):
     json.dump(d, f)
   with pytest.raises(ValueError, match=r"config\.json: unknown fields \['rope_scaling_extra'\]"):
     hf.load_hf_dir(path)
+
+
+# Loaded params are JAX arrays, so every transform applies; the tokenizer must fit the vocabulary.
+
+SMALL = dict(family="llama", vocab_size=97, hidden_size=32, intermediate_size=64, num_layers=3,
+             num_heads=4, num_kv_heads=2, head_dim=8)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+  """(directory, params, config): a tiny random model written by export_hf, no tokenizer."""
+  import jax
+
+  import prunerep_jax as pj
+  from prunerep_jax.export import export_hf
+
+  config = pj.Config(**SMALL)
+  params = pj.init_params(config, jax.random.key(7))
+  path = export_hf(tmp_path_factory.mktemp("exported") / "model", params, config)
+  return path, params, config
+
+
+def _word_tokenizer(vocab: dict, **special):
+  tokenizers = pytest.importorskip("tokenizers")
+  backend = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
+  backend.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+  return transformers.PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>",
+                                              **special)
+
+
+def test_loaded_params_are_jax_arrays_and_drop_sublayers_runs_on_them(exported):
+  import jax
+
+  import prunerep_jax as pj
+
+  path, params, config = exported
+  model = pj.load(path)
+  leaves = jax.tree_util.tree_leaves(model.params)
+  assert all(isinstance(x, jax.Array) and x.dtype == np.float32 for x in leaves)
+  tokens = np.random.default_rng(0).integers(0, config.vocab_size, (4, 12))
+  loaded = pj.prune.drop_sublayers(model.params, model.config, 2, kind="joint",
+                                   calibration=tokens)
+  direct = pj.prune.drop_sublayers(params, config, 2, kind="joint", calibration=tokens)
+  assert loaded.report["dropped"] == direct.report["dropped"]
+  for a, b in zip(jax.tree_util.tree_leaves(loaded.params),
+                  jax.tree_util.tree_leaves(direct.params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  for d in loaded.report["dropped"]:
+    proj = "o_proj" if d["sublayer"] == "attn" else "down_proj"
+    assert not np.asarray(loaded.params["layers"][d["sublayer"]][proj]["kernel"][d["layer"]]).any()
+
+
+def test_tokenizer_larger_than_the_vocabulary_is_refused(exported, copy_of):
+  path = copy_of(exported[0])
+  _word_tokenizer({"<unk>": 0, **{f"w{i}": i for i in range(1, 100)}}).save_pretrained(path)
+  with pytest.raises(ValueError, match=r"the tokenizer has 100 tokens \(ids up to 99\) but the "
+                                       r"model's vocab_size is 97"):
+    hf.load_hf_dir(path)
+
+
+def test_tokenizer_with_special_ids_past_the_vocabulary_is_refused(exported, copy_of):
+  path = copy_of(exported[0])
+  _word_tokenizer({"<unk>": 0, "a": 1, "</s>": 120}, eos_token="</s>").save_pretrained(path)
+  with pytest.raises(ValueError, match=r"special token ids \[120\] are >= the model's "
+                                       r"vocab_size 97"):
+    hf.load_hf_dir(path)
+
+
+def test_tokenizer_as_large_as_the_vocabulary_is_accepted(exported, copy_of):
+  path = copy_of(exported[0])
+  _word_tokenizer({"<unk>": 0, **{f"w{i}": i for i in range(1, 97)}}).save_pretrained(path)
+  assert len(hf.load_hf_dir(path).tokenizer) == 97

@@ -1,7 +1,5 @@
 """Pattern values and the shared mask functions, against NumPy loops in torch [O, I] layout."""
 
-import math
-
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -134,8 +132,3 @@ def test_apply_mask_zeroes_pruned_and_checks_shape():
   np.testing.assert_array_equal(out, [[1.0, 0.0], [0.0, 4.0]])
   with pytest.raises(ValueError, match=r"mask shape \(2,\) does not match weight shape \(2, 2\)"):
     patterns.apply_mask(w, jnp.array([True, False]))
-
-
-def test_check_finite_names_the_array():
-  with pytest.raises(ValueError, match="my weight contains 1 NaN or Inf"):
-    patterns.check_finite("my weight", np.array([1.0, math.inf]))

@@ -129,12 +129,6 @@ def test_rejects_bad_inputs():
   with pytest.raises(ValueError, match=r"act_sq_mean must have shape \[..., I\] = \(8,\) .* "
                                        r"got \(4,\)"):
     wanda_mask(w, act[:4], Unstructured(0.5))
-  with pytest.raises(ValueError, match="act_sq_mean holds negative values"):
-    wanda_mask(w, -act, Unstructured(0.5))
-  with pytest.raises(ValueError, match="wanda_scores: w contains 1 NaN"):
-    wanda_mask(np.where(np.arange(32).reshape(8, 4) == 5, np.nan, w), act, Unstructured(0.5))
-  with pytest.raises(ValueError, match="act_sq_mean contains 1 NaN"):
-    wanda_mask(w, np.where(np.arange(8) == 2, np.nan, act), Unstructured(0.5))
   with pytest.raises(ValueError, match="use_variant=True needs an Unstructured pattern, got 2:4"):
     wanda_mask(w, act, NM(2, 4), use_variant=True)
   with pytest.raises(ValueError, match="not divisible by m=8"):

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import prunerep_jax as pj
-from prunerep_jax.tasks import perplexity as perplexity_module
+from prunerep_jax import batching
 from prunerep_jax.tasks.perplexity import next_token_kl, perplexity
 
 CFG = pj.Config(family="llama", vocab_size=97, hidden_size=32, intermediate_size=48, num_layers=2,
@@ -62,7 +62,7 @@ def test_padding_the_last_batch_does_not_change_perplexity(params, tokens, batch
 
 def test_position_chunks_do_not_change_perplexity(params, tokens, monkeypatch):
   whole = perplexity(params, CFG, tokens, batch_size=2)["nll"]
-  monkeypatch.setattr(perplexity_module, "_LOGIT_ELEMENTS", 2 * 3 * CFG.vocab_size)  # C = 3
+  monkeypatch.setattr(batching, "LOGIT_ELEMENTS", 2 * 3 * CFG.vocab_size)  # C = 3
   np.testing.assert_allclose(perplexity(params, CFG, tokens, batch_size=2)["nll"], whole,
                              rtol=1e-6)
 
@@ -73,7 +73,7 @@ def test_a_model_agrees_with_itself(params, tokens):
 
 
 def test_next_token_kl_matches_a_float64_reference(params, other_params, tokens, monkeypatch):
-  monkeypatch.setattr(perplexity_module, "_LOGIT_ELEMENTS", 2 * 4 * CFG.vocab_size)  # C = 4
+  monkeypatch.setattr(batching, "LOGIT_ELEMENTS", 2 * 4 * CFG.vocab_size)  # C = 4
   out = next_token_kl(params, other_params, CFG, CFG, tokens, batch_size=2)
   lp = log_softmax64(pj.forward(params, CFG, tokens, capture=False).logits)
   lq = log_softmax64(pj.forward(other_params, CFG, tokens, capture=False).logits)
@@ -95,19 +95,3 @@ def test_next_token_kl_needs_one_vocabulary(params, tokens):
   bigger = pj.Config(**{**CFG.__dict__, "vocab_size": 98})
   with pytest.raises(ValueError, match=r"config_pruned.vocab_size=98 differs from.*=97"):
     next_token_kl(params, params, CFG, bigger, tokens)
-
-
-@pytest.mark.parametrize("bad, message", [
-    (np.zeros((4,), np.int32), r"expected an int array \[W, T\], got shape \(4,\)"),
-    (np.zeros((2, 1), np.int32), r"shape \(2, 1\): expected at least 1 window of at least 2"),
-    (np.zeros((2, 3), np.float32), r"expected an integer dtype, got float32"),
-    (np.full((2, 3), 97, np.int32), r"ids span 97..97, outside the vocabulary \[0, 97\)"),
-])
-def test_perplexity_rejects_bad_tokens(params, bad, message):
-  with pytest.raises(ValueError, match=message):
-    perplexity(params, CFG, bad)
-
-
-def test_perplexity_rejects_a_bad_batch_size(params, tokens):
-  with pytest.raises(ValueError, match=r"batch_size=0: expected an integer >= 1"):
-    perplexity(params, CFG, tokens, batch_size=0)
