@@ -54,7 +54,7 @@ BAD_VALUES = [
     (["--sparsity=1.0"], "--sparsity=1.0): expected a number in [0.0, 1.0)"),
     (["--sparsity=nan"], "--sparsity=nan): expected a number in [0.0, 1.0)"),
     (["--method=neurons", "--sparsity=-0.1"], "--sparsity=-0.1): expected a number in"),
-    (["--include=mlp/*,mlp/gate"], "--include): include=('mlp/gate',) matches no linear"),
+    (["--include=mlp/*,mlp/gate"], "--include)(include=('mlp/gate',)): expected fnmatch"),
     (["--seed=-1"], "--seed=-1): expected an integer in [0, 2**32)"),
     (["--seed=4294967296"], "--seed=4294967296): expected an integer in [0, 2**32)"),
     (["--nsamples=0"], "--nsamples=0): expected an integer >= 1"),
