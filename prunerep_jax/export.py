@@ -32,7 +32,7 @@ import ml_dtypes
 import numpy as np
 from safetensors.numpy import save_file
 
-from prunerep_jax import atomic, layout, validate
+from prunerep_jax import atomic, validate
 from prunerep_jax.config import Config
 from prunerep_jax.loading import hf
 
@@ -185,32 +185,14 @@ def hf_config_dict(config: Config, dtype: Any = "float32",
   return d
 
 
-def _hf_tensors(params: Any, config: Config) -> Iterator[tuple[str, str, Any]]:
-  """(HF name, layout path, HF-layout array) in HF order, one layer slice at a time."""
-  c = config
-  biases = {"q_proj": c.qkv_bias, "k_proj": c.qkv_bias, "v_proj": c.qkv_bias, "o_proj": c.o_bias,
-            "gate_proj": c.mlp_bias, "up_proj": c.mlp_bias, "down_proj": c.mlp_bias}
-  layers = params["layers"]
-  yield "model.embed_tokens.weight", "embed/embedding", params["embed"]["embedding"]
-  for i in range(c.num_layers):
-    prefix = f"model.layers.{i}"
-    yield (f"{prefix}.input_layernorm.weight", "layers/attn_norm/scale",
-           layers["attn_norm"]["scale"][i])
-    for sub, hf_module, names in (("attn", "self_attn", layout.ATTN_LINEARS),
-                                  ("mlp", "mlp", layout.MLP_LINEARS)):
-      for proj in names:
-        leaf = layers[sub][proj]
-        # Flax kernels are [in, out]; torch Linear weights are [out, in].
-        yield (f"{prefix}.{hf_module}.{proj}.weight", f"layers/{sub}/{proj}/kernel",
-               np.asarray(leaf["kernel"][i]).T)
-        if biases[proj]:
-          yield f"{prefix}.{hf_module}.{proj}.bias", f"layers/{sub}/{proj}/bias", leaf["bias"][i]
-      if sub == "attn":
-        yield (f"{prefix}.post_attention_layernorm.weight", "layers/mlp_norm/scale",
-               layers["mlp_norm"]["scale"][i])
-  yield "model.norm.weight", "final_norm/scale", params["final_norm"]["scale"]
-  if not c.tie_word_embeddings:
-    yield "lm_head.weight", "lm_head/kernel", np.asarray(params["lm_head"]["kernel"]).T
+def _hf_tensors(params: Any, config: Config) -> Iterator[tuple[str, Any]]:
+  """(HF name, HF-layout array) for every tensor of `hf.hf_table`, one layer slice at a time."""
+  for name, t in hf.hf_table(config).items():
+    leaf = params
+    for k in t.path:
+      leaf = leaf[k]
+    array = leaf if t.layer is None else leaf[t.layer]
+    yield name, np.asarray(array).T if t.transpose else array
 
 
 def export_hf(directory: str, params: Any, config: Config, tokenizer: Any = None, *,
@@ -268,7 +250,7 @@ def export_hf(directory: str, params: Any, config: Config, tokenizer: Any = None
       shards.append((part, list(pending), pending_bytes))
       pending, pending_bytes = {}, 0
 
-    for name, _, array in _hf_tensors(params, config):
+    for name, array in _hf_tensors(params, config):
       array = np.ascontiguousarray(np.asarray(array).astype(np_dtype, copy=False))
       if pending and pending_bytes + array.nbytes > shard_bytes:
         flush()

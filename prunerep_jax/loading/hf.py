@@ -22,7 +22,7 @@ import math
 import os
 import struct
 import warnings
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import ml_dtypes
 import numpy as np
@@ -309,26 +309,42 @@ def config_from_hf(d: dict, source: str = CONFIG_FILE) -> Config:
     raise ValueError(f"{source}: {e}") from e
 
 
-def _hf_names(config: Config) -> dict[str, tuple[tuple[str, ...], Optional[int], bool]]:
-  """HF tensor name -> (layout path, layer index or None, transpose?) for every expected tensor."""
-  names = {"model.embed_tokens.weight": (("embed", "embedding"), None, False),
-           "model.norm.weight": (("final_norm", "scale"), None, False)}
-  if not config.tie_word_embeddings:
-    names["lm_head.weight"] = (("lm_head", "kernel"), None, True)
+class HFTensor(NamedTuple):
+  """Where one Hugging Face tensor lives in our params: the layout path, the layer index (None for
+  tensors outside the layer stack) and whether it is transposed (HF Linear weights are [out, in],
+  Flax kernels [in, out])."""
+
+  path: tuple[str, ...]
+  layer: Optional[int]
+  transpose: bool
+
+
+def hf_table(config: Config) -> dict[str, HFTensor]:
+  """The one HF name table: every HF tensor name of `config`'s model, in the order transformers
+  writes them, mapped to its place in the params. The loader reads by it and `export_hf` writes
+  by it."""
   biases = {"q_proj": config.qkv_bias, "k_proj": config.qkv_bias, "v_proj": config.qkv_bias,
             "o_proj": config.o_bias, "gate_proj": config.mlp_bias, "up_proj": config.mlp_bias,
             "down_proj": config.mlp_bias}
+  table = {"model.embed_tokens.weight": HFTensor(("embed", "embedding"), None, False)}
   for i in range(config.num_layers):
     prefix = f"model.layers.{i}"
-    names[f"{prefix}.input_layernorm.weight"] = (("layers", "attn_norm", "scale"), i, False)
-    names[f"{prefix}.post_attention_layernorm.weight"] = (("layers", "mlp_norm", "scale"), i, False)
-    for ours, hf_module in (("attn", "self_attn"), ("mlp", "mlp")):
-      for proj in (layout.ATTN_LINEARS if ours == "attn" else layout.MLP_LINEARS):
-        # HF Linear weights are [out, in]; Flax kernels are [in, out].
-        names[f"{prefix}.{hf_module}.{proj}.weight"] = (("layers", ours, proj, "kernel"), i, True)
+    table[f"{prefix}.input_layernorm.weight"] = HFTensor(("layers", "attn_norm", "scale"), i, False)
+    for ours, hf_module, projs in (("attn", "self_attn", layout.ATTN_LINEARS),
+                                   ("mlp", "mlp", layout.MLP_LINEARS)):
+      for proj in projs:
+        table[f"{prefix}.{hf_module}.{proj}.weight"] = HFTensor(("layers", ours, proj, "kernel"),
+                                                                i, True)
         if biases[proj]:
-          names[f"{prefix}.{hf_module}.{proj}.bias"] = (("layers", ours, proj, "bias"), i, False)
-  return names
+          table[f"{prefix}.{hf_module}.{proj}.bias"] = HFTensor(("layers", ours, proj, "bias"),
+                                                                i, False)
+      if ours == "attn":
+        table[f"{prefix}.post_attention_layernorm.weight"] = HFTensor(
+            ("layers", "mlp_norm", "scale"), i, False)
+  table["model.norm.weight"] = HFTensor(("final_norm", "scale"), None, False)
+  if not config.tie_word_embeddings:
+    table["lm_head.weight"] = HFTensor(("lm_head", "kernel"), None, True)
+  return table
 
 
 def _ignorable(name: str, config: Config) -> bool:
@@ -428,7 +444,7 @@ def load_params(path: str, config: Config) -> dict:
     ValueError: naming the file and tensor, for corrupt files, unknown, missing, mis-shaped or
       non-finite tensors.
   """
-  names = _hf_names(config)
+  names = hf_table(config)
   shapes = layout.param_shapes(config)
   params: dict = {}
   file_of: dict[str, str] = {}  # HF tensor name -> the file it came from, for error messages
