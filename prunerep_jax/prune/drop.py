@@ -179,7 +179,7 @@ def drop_sublayers(params, config: Config, n: int, *, kind: str = "attn", calibr
     else:
       sims = similarity(current, config, calib, score=score, batch_size=batch_size, method=method)
     rounds.append({k: [float(v) for v in sims[k]] for k in kinds})
-    # Cheapest removal first: the highest cosine or the lowest KL; ties: attention, then lower layer.
+    # Cheapest removal first (highest cosine, lowest KL); ties: attention, then lower layer.
     sign = 1.0 if score in KL_SCORES else -1.0
     candidates = sorted((sign * float(sims[k][l]), i, l, k) for i, k in enumerate(kinds)
                         for l in range(L) if (l, k) not in dropped)
