@@ -19,7 +19,8 @@ at one of two places (`at`):
               forward, plus one lens per distinct boundary state.
   "output"    at the model's output: the remaining layers run on the stream without the span, as
               the pruned model does; z = the model's logits, z' = the logits without the span.
-              Cost: one forward per candidate (all candidates ride one vmapped layer scan).
+              Cost: one forward per candidate; up to OUTPUT_STREAMS candidates and the reference
+              ride one vmapped layer scan, so activation memory is bounded whatever their number.
 
 Both are computed for all candidates in one jitted pass per calibration batch. Logits exist only
 for one chunk of positions at a time ([B, C, S, V] with S lens'd states, C sized by
@@ -47,6 +48,8 @@ from prunerep_jax.prune import calibrate
 SCORES = ("kl", "kl_exact")
 PLACES = ("boundary", "output")
 _METRIC = {"kl": metrics.kl_estimate, "kl_exact": metrics.kl}
+# Candidates per pass of the "output" place (each pass also reruns the unmodified model).
+OUTPUT_STREAMS = 16
 
 Span = tuple[int, int]
 
@@ -206,7 +209,7 @@ def span_costs(params, config: Config, calibration, spans, *, score: str = "kl",
   N, T = tokens.shape
   B = batching.batch_size_for(N, batch_size)
   temp = jnp.float32(temperature)
-  total = 0.0
+  total = np.zeros(len(spans))
   if at == "boundary":
     state_idx = sorted({a for a, _ in spans} | {b for _, b in spans})
     where = {s: i for i, s in enumerate(state_idx)}
@@ -214,17 +217,24 @@ def span_costs(params, config: Config, calibration, spans, *, score: str = "kl",
     pruned_pos = jnp.asarray([where[a] for a, _ in spans], jnp.int32)
     chunk = batching.chunk_size(B * len(state_idx), T, config.vocab_size)
     for b in batching.batches(N, batch_size):
-      total = total + _boundary_sums(params, config, jnp.asarray(tokens[b.rows]),
-                                     jnp.asarray(b.weight), jnp.asarray(state_idx, jnp.int32),
-                                     dense_pos, pruned_pos, score, temp, chunk)
+      total += np.asarray(_boundary_sums(params, config, jnp.asarray(tokens[b.rows]),
+                                         jnp.asarray(b.weight), jnp.asarray(state_idx, jnp.int32),
+                                         dense_pos, pruned_pos, score, temp, chunk))
   else:
     k = np.arange(2 * config.num_layers)
-    keep = np.stack([np.ones_like(k, bool)] + [(k < a) | (k >= b) for a, b in spans])
-    chunk = batching.chunk_size(B * keep.shape[0], T, config.vocab_size)
+    cut = np.stack([(k < a) | (k >= b) for a, b in spans])  # [C, 2L]: False = removed
+    G = min(OUTPUT_STREAMS, len(spans))
+    cut = np.concatenate([cut, np.repeat(cut[-1:], -len(spans) % G, axis=0)])  # G divides C
+    chunk = batching.chunk_size(B * (G + 1), T, config.vocab_size)
+    total = np.zeros(cut.shape[0])
     for b in batching.batches(N, batch_size):
-      total = total + _output_sums(params, config, jnp.asarray(tokens[b.rows]),
-                                   jnp.asarray(b.weight), jnp.asarray(keep), score, temp, chunk)
-  return np.asarray(total, np.float64) / tokens.size
+      for g in range(0, cut.shape[0], G):
+        keep = np.concatenate([np.ones((1, k.size), bool), cut[g:g + G]])
+        total[g:g + G] += np.asarray(_output_sums(
+            params, config, jnp.asarray(tokens[b.rows]), jnp.asarray(b.weight),
+            jnp.asarray(keep), score, temp, chunk))
+    total = total[:len(spans)]
+  return total / tokens.size
 
 
 def sublayer_costs(params, config: Config, calibration, *, kinds: Sequence[str] = ("attn", "mlp"),

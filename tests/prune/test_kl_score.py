@@ -81,6 +81,14 @@ def test_batch_size_does_not_change_the_costs(params):
     np.testing.assert_allclose(one[k], two[k], rtol=1e-5)
 
 
+def test_output_costs_do_not_depend_on_how_candidates_are_grouped(params, monkeypatch):
+  whole = kl_score.sublayer_costs(params, CFG, TOKENS, at="output", batch_size=5)
+  monkeypatch.setattr(kl_score, "OUTPUT_STREAMS", 4)  # 6 candidates: a full and a padded group
+  grouped = kl_score.sublayer_costs(params, CFG, TOKENS, at="output", batch_size=5)
+  for k in ("attn", "mlp"):
+    np.testing.assert_allclose(grouped[k], whole[k], rtol=1e-5)
+
+
 def test_drop_sublayers_kl_drops_the_cheapest_and_reports_the_costs(params):
   costs = kl_score.sublayer_costs(params, CFG, TOKENS, batch_size=2)
   result = pj.prune.drop_sublayers(params, CFG, 2, kind="joint", score="kl", calibration=TOKENS,
