@@ -24,8 +24,8 @@ LINEARS = lin.select(None)
 
 @pytest.fixture(scope="module")
 def params():
-  """Random params with planted outliers: layer 1's q/k/v and gate/up inputs carry a few
-  weights 40x larger, as trained LLMs' outlier features do."""
+  """Random params with planted outliers: in layer 1, the first three input rows of q_proj and
+  gate_proj are 40x larger, as trained LLMs' outlier features are."""
   p = pj.init_params(CFG, jax.random.key(3))
   layers = jax.tree_util.tree_map(lambda x: x, p["layers"])
   for sub, name in (("attn", "q_proj"), ("mlp", "gate_proj")):
