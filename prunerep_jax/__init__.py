@@ -6,6 +6,7 @@ from prunerep_jax.config import Config, RopeScaling
 from prunerep_jax.model import ForwardOutput, cast, forward, init_params
 from prunerep_jax.decode import Generation, generate
 from prunerep_jax import analysis, checkpoint, decode, layout, metrics, prune
+from prunerep_jax.recover import recover
 from prunerep_jax.loading.tokenizer import chat_prompt, encode_batch
 
 __version__ = "0.1.0"

@@ -10,6 +10,7 @@ from prunerep_jax.prune.sparsegpt import sparsegpt
 from prunerep_jax.prune.wanda import wanda
 from prunerep_jax.prune.drop import drop_blocks, drop_sublayers
 from prunerep_jax.prune.neurons import neurons
+from prunerep_jax.prune import allocate, kl_score
 
 # name -> transform, for launchers and configs.
 METHODS = {

@@ -5,6 +5,8 @@ tokens of cos(X, X + F(norm(X))) ("residual"), or of cos(norm(X), F(norm(X))) ("
 most similar (highest cosine) sublayers change the stream least and are dropped first.
 Blocks (ShortGPT's Block Influence): cos(block input, block output); the consecutive variant scores
 each window of n blocks by cos(input of block i, input of block i + n) and drops the best window.
+KL-guided scores ("kl", "kl_exact"; see `prune.kl_score`) rank the same candidates by the
+probability-space cost of removing each one alone, cheapest first.
 
 A dropped sublayer must pass the residual stream through unchanged, exactly: its output
 projection (o_proj or down_proj, kernel and bias) is zeroed, so it adds exactly +0.0 to every
@@ -27,10 +29,12 @@ from prunerep_jax import model as M
 from prunerep_jax import validate
 from prunerep_jax.config import Config
 from prunerep_jax.prune import calibrate
+from prunerep_jax.prune import kl_score
 from prunerep_jax.prune.result import PruneResult
 
 SUBLAYER_KINDS = ("attn", "mlp", "joint")
 SCORES = ("residual", "no_norm")
+KL_SCORES = kl_score.SCORES  # ranked by the cost of removal, lowest first
 _OUT_PROJ = {"attn": "o_proj", "mlp": "down_proj"}
 
 
@@ -122,8 +126,17 @@ def zero_sublayers(params, dropped):
   return dict(params, layers=layers)
 
 
+def _check_kl_at(kl_at, score: str, method: str) -> str:
+  kl_at = validate.choice(method, "kl_at", kl_at, kl_score.PLACES)
+  if kl_at != "boundary" and score not in KL_SCORES:
+    raise validate.fail(method, "kl_at", kl_at,
+                        f"'boundary' (the default) with score={score!r}: kl_at places the KL "
+                        f"scores {KL_SCORES}")
+  return kl_at
+
+
 def drop_sublayers(params, config: Config, n: int, *, kind: str = "attn", calibration=None,
-                   iterative: bool = False, score: str = "residual",
+                   iterative: bool = False, score: str = "residual", kl_at: str = "boundary",
                    batch_size: int = 4) -> PruneResult:
   """Drops the n most redundant attention and/or MLP sublayers.
 
@@ -133,7 +146,11 @@ def drop_sublayers(params, config: Config, n: int, *, kind: str = "attn", calibr
     kind: "attn", "mlp", or "joint" (attention and MLP sublayers ranked together).
     calibration: a `Calibration` or int tokens [N, T].
     iterative: drop one, re-score on the pruned model, repeat (else one scoring, top n).
-    score: "residual" (cos(X, X + F(norm X))) or "no_norm" (cos(norm X, F(norm X))).
+    score: "residual" (cos(X, X + F(norm X))) or "no_norm" (cos(norm X, F(norm X))), dropping
+      the highest first; or "kl" (Theorem 3 estimate) or "kl_exact" (exact KL) of removing each
+      sublayer alone (`kl_score.sublayer_costs`), dropping the lowest first.
+    kl_at: where a KL score is measured: "boundary" (final-norm lens at the sublayer's output)
+      or "output" (the model's logits); see `prune.kl_score`.
     batch_size: calibration samples per jitted scoring step.
 
   Returns:
@@ -143,7 +160,8 @@ def drop_sublayers(params, config: Config, n: int, *, kind: str = "attn", calibr
   t0 = time.perf_counter()
   method = "drop_sublayers"
   kind = validate.choice(method, "kind", kind, SUBLAYER_KINDS)
-  score = validate.choice(method, "score", score, SCORES)
+  score = validate.choice(method, "score", score, SCORES + KL_SCORES)
+  kl_at = _check_kl_at(kl_at, score, method)
   iterative = validate.boolean(method, "iterative", iterative)
   batch_size = validate.integer(method, "batch_size", batch_size, minimum=1)
   validate.params(method, params, config, finite=True)
@@ -155,11 +173,16 @@ def drop_sublayers(params, config: Config, n: int, *, kind: str = "attn", calibr
   rounds = []
   current = params
   while len(dropped) < n:
-    sims = similarity(current, config, calib, score=score, batch_size=batch_size, method=method)
+    if score in KL_SCORES:
+      sims = kl_score.sublayer_costs(current, config, calib, kinds=kinds, score=score, at=kl_at,
+                                     batch_size=batch_size, method=method)
+    else:
+      sims = similarity(current, config, calib, score=score, batch_size=batch_size, method=method)
     rounds.append({k: [float(v) for v in sims[k]] for k in kinds})
-    candidates = [(float(sims[k][l]), -i, l, k) for i, k in enumerate(kinds) for l in range(L)
-                  if (l, k) not in dropped]
-    candidates.sort(reverse=True)  # highest cosine first; ties: attention, then lower layer
+    # Cheapest removal first (highest cosine, lowest KL); ties: attention, then lower layer.
+    sign = 1.0 if score in KL_SCORES else -1.0
+    candidates = sorted((sign * float(sims[k][l]), i, l, k) for i, k in enumerate(kinds)
+                        for l in range(L) if (l, k) not in dropped)
     take = 1 if iterative else n - len(dropped)
     chosen = [(l, k) for _, _, l, k in candidates[:take]]
     dropped.extend(chosen)
@@ -167,7 +190,8 @@ def drop_sublayers(params, config: Config, n: int, *, kind: str = "attn", calibr
     if not iterative:
       break
   report = {"method": "drop_sublayers", "kind": kind, "n": n, "iterative": iterative,
-            "score": score, "calibration": calib.info if n else None,
+            "score": score, **({"kl_at": kl_at} if score in KL_SCORES else {}),
+            "calibration": calib.info if n else None,
             "importance": rounds if iterative else (rounds[0] if rounds else {}),
             "dropped": [{"layer": l, "sublayer": k} for l, k in dropped],
             "timings": {"total_s": time.perf_counter() - t0}}
@@ -181,7 +205,44 @@ def remove_blocks(params, config: Config, blocks) -> tuple[dict, Config]:
   return dict(params, layers=layers), config.replace(num_layers=int(keep.size))
 
 
+def _rank_blocks(params, config: Config, n: int, calib, *, score: str, kl_at: str,
+                 consecutive: bool, iterative: bool, batch_size: int, method: str):
+  """The n blocks to drop (cheapest removal first) and the scores behind the choice."""
+  L = config.num_layers
+  kl = score in KL_SCORES
+  name = score if kl else "cosine"
+  sign = 1.0 if kl else -1.0  # the lowest KL or the highest cosine goes first
+
+  def scores(current, window=None):
+    if kl:
+      kw = dict(score=score, at=kl_at, batch_size=batch_size, method=method)
+      if window:
+        return kl_score.window_costs(current, config, calib, window, **kw)
+      return kl_score.block_costs(current, config, calib, **kw)
+    sims = similarity(current, config, calib, batch_size=batch_size, method=method)
+    if window:
+      return [sims["pair"][i, i + window] for i in range(L - window + 1)]
+    return sims["block"]
+
+  if consecutive:
+    window = [float(v) for v in scores(params, n)]
+    start = min(range(len(window)), key=lambda i: (sign * window[i], i))  # ties: the earliest
+    return list(range(start, start + n)), {"window_start": list(range(L - n + 1)), name: window}
+  blocks, rounds, current = [], [], params
+  while len(blocks) < n:
+    values = [float(v) for v in scores(current)]
+    rounds.append({"block": values})
+    order = sorted((l for l in range(L) if l not in blocks), key=lambda l: (sign * values[l], l))
+    blocks += order[:1 if iterative else n]
+    if iterative:
+      # Zeroed output projections pass the stream through exactly, as a removed block does, and
+      # keep the layer count (one compiled shape for every round).
+      current = zero_sublayers(params, [(l, k) for l in blocks for k in _OUT_PROJ])
+  return sorted(blocks), (rounds if iterative else rounds[0])
+
+
 def drop_blocks(params, config: Config, n: int, *, calibration=None, consecutive: bool = False,
+                score: str = "residual", kl_at: str = "boundary", iterative: bool = False,
                 batch_size: int = 4) -> PruneResult:
   """Drops n whole decoder blocks by Block Influence (ShortGPT).
 
@@ -192,6 +253,10 @@ def drop_blocks(params, config: Config, n: int, *, calibration=None, consecutive
     consecutive: drop the window of n consecutive blocks i..i+n-1 whose input and output are most
       similar (cos(input of block i, input of block i + n)), instead of the n individually most
       redundant blocks.
+    score: "residual" (Block Influence, highest cosine first), or "kl" / "kl_exact": the cost of
+      removing each block (window) alone, lowest first (`kl_score.block_costs`, `window_costs`).
+    kl_at: where a KL score is measured, "boundary" or "output" (see `prune.kl_score`).
+    iterative: drop one block, re-score on the pruned model, repeat (not with consecutive).
     batch_size: calibration samples per jitted scoring step.
 
   Returns:
@@ -200,6 +265,12 @@ def drop_blocks(params, config: Config, n: int, *, calibration=None, consecutive
   t0 = time.perf_counter()
   method = "drop_blocks"
   consecutive = validate.boolean(method, "consecutive", consecutive)
+  score = validate.choice(method, "score", score, ("residual",) + KL_SCORES)
+  kl_at = _check_kl_at(kl_at, score, method)
+  iterative = validate.boolean(method, "iterative", iterative)
+  if iterative and consecutive:
+    raise validate.fail(method, "iterative", iterative,
+                        "False with consecutive=True (a window is chosen in one scoring)")
   batch_size = validate.integer(method, "batch_size", batch_size, minimum=1)
   validate.params(method, params, config, finite=True)
   L = config.num_layers
@@ -209,18 +280,12 @@ def drop_blocks(params, config: Config, n: int, *, calibration=None, consecutive
     report = {"method": "drop_blocks", "n": 0, "consecutive": consecutive, "dropped": [],
               "calibration": None, "timings": {"total_s": time.perf_counter() - t0}}
     return PruneResult(params, None, report, config)
-  sims = similarity(params, config, calib, batch_size=batch_size, method=method)
-  if consecutive:
-    window = [float(sims["pair"][i, i + n]) for i in range(L - n + 1)]
-    start = int(np.argmax(window))  # ties: the earliest window
-    blocks = list(range(start, start + n))
-    importance = {"window_start": list(range(L - n + 1)), "cosine": window}
-  else:
-    order = sorted(range(L), key=lambda l: (-sims["block"][l], l))
-    blocks = sorted(order[:n])
-    importance = {"block": [float(v) for v in sims["block"]]}
+  blocks, importance = _rank_blocks(params, config, n, calib, score=score, kl_at=kl_at,
+                                    consecutive=consecutive, iterative=iterative,
+                                    batch_size=batch_size, method=method)
   new_params, new_config = remove_blocks(params, config, blocks)
-  report = {"method": "drop_blocks", "n": n, "consecutive": consecutive,
+  report = {"method": "drop_blocks", "n": n, "consecutive": consecutive, "score": score,
+            **({"kl_at": kl_at} if score in KL_SCORES else {}), "iterative": iterative,
             "calibration": calib.info, "importance": importance,
             "dropped": [{"layer": l, "sublayer": "block"} for l in blocks],
             "num_layers": new_config.num_layers,

@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from prunerep_jax import validate
+from prunerep_jax.prune import allocate
 from prunerep_jax.prune import calibrate
 from prunerep_jax.prune import linears as lin
 from prunerep_jax.prune import patterns
@@ -221,7 +222,7 @@ def sparsegpt_prune(w: jax.Array, hessian: jax.Array, pattern: patterns.Pattern,
 
 
 def sparsegpt(params, config, pattern=0.5, *, calibration=None, blocksize: int = 128,
-              percdamp: float = 0.01, include=None, batch_size: int = 8):
+              percdamp: float = 0.01, include=None, allocation=None, batch_size: int = 8):
   """SparseGPT on every selected block linear, layer by layer on the already pruned prefix.
 
   Args:
@@ -230,6 +231,8 @@ def sparsegpt(params, config, pattern=0.5, *, calibration=None, blocksize: int =
     calibration: a `Calibration` or int tokens [N, T].
     blocksize, percdamp: as in `sparsegpt_prune`.
     include: fnmatch patterns over "attn/q_proj"-style names (default: all seven linears).
+    allocation: per-layer sparsities for an unstructured target, as in `wanda` (the KL curves
+      use Wanda masks, SparseGPT's diagonal approximation; see `prune.allocate`).
     batch_size: calibration samples per jitted step.
   """
 
@@ -246,13 +249,16 @@ def sparsegpt(params, config, pattern=0.5, *, calibration=None, blocksize: int =
   validate.params("sparsegpt", params, config, finite=True)
   lin.check_nm_divides(pattern, config, chosen, "sparsegpt")
   calib = calibrate.as_calibration(calibration, config, "sparsegpt")
+  per_layer, allocated = allocate.resolve(allocation, params, config, pattern, calib, chosen,
+                                          batch_size=batch_size, method="sparsegpt")
 
   def prune_layer(l, layer_p, stats, ntokens):
     layer_p = jax.tree_util.tree_map(lambda x: x, layer_p)
+    layer_pattern = pattern if per_layer is None else patterns.Unstructured(per_layer[l])
     masks = {}
     for sub, name in chosen:
       hessian = stats[calibrate.GROUP_OF[(sub, name)]] * (2.0 / ntokens)
-      new_w, mask = sparsegpt_prune(layer_p[sub][name]["kernel"], hessian, pattern,
+      new_w, mask = sparsegpt_prune(layer_p[sub][name]["kernel"], hessian, layer_pattern,
                                     blocksize=blocksize, percdamp=percdamp,
                                     name=f"layers/{l}/{sub}/{name}/kernel")
       layer_p[sub][name]["kernel"] = new_w
@@ -268,4 +274,6 @@ def sparsegpt(params, config, pattern=0.5, *, calibration=None, blocksize: int =
             "include": [f"{s}/{n}" for s, n in chosen], "calibration": calib.info,
             **lin.sparsity_report(masks, chosen),
             "timings": dict(timings, total_s=time.perf_counter() - t0)}
+  if allocated is not None:
+    report["allocation"] = allocated
   return PruneResult(new_params, masks, report, config)

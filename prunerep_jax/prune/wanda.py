@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from prunerep_jax import validate
+from prunerep_jax.prune import allocate
 from prunerep_jax.prune import calibrate
 from prunerep_jax.prune import linears as lin
 from prunerep_jax.prune import patterns
@@ -158,7 +159,7 @@ def wanda_mask(w: jax.Array, act_sq_mean: jax.Array, pattern: patterns.Pattern, 
 
 
 def wanda(params, config, pattern=0.5, *, calibration=None, use_variant: bool = False,
-          include=None, batch_size: int = 8):
+          include=None, allocation=None, batch_size: int = 8):
   """Wanda: prune by |W| * sqrt(mean x^2), compared within each output, layer by layer.
 
   Args:
@@ -168,6 +169,9 @@ def wanda(params, config, pattern=0.5, *, calibration=None, use_variant: bool = 
       are collected sequentially on the already pruned earlier layers.
     use_variant: the cumulative-threshold variant (alpha bisection); unstructured only.
     include: fnmatch patterns over "attn/q_proj"-style names (default: all seven linears).
+    allocation: per-layer sparsities for an unstructured target (`prune.allocate`): None (every
+      layer at the target), "kl" / allocate.KL(...), "owl" / allocate.OWL(...), or L sparsities
+      whose weighted mean is the target; reported in report["allocation"].
     batch_size: calibration samples per jitted step.
   """
 
@@ -183,19 +187,22 @@ def wanda(params, config, pattern=0.5, *, calibration=None, use_variant: bool = 
   validate.params("wanda", params, config, finite=True)
   lin.check_nm_divides(pattern, config, chosen, "wanda")
   calib = calibrate.as_calibration(calibration, config, "wanda")
+  per_layer, allocated = allocate.resolve(allocation, params, config, pattern, calib, chosen,
+                                          batch_size=batch_size, method="wanda")
   alphas = {}
 
   def prune_layer(l, layer_p, stats, ntokens):
     layer_p = jax.tree_util.tree_map(lambda x: x, layer_p)
+    layer_pattern = pattern if per_layer is None else patterns.Unstructured(per_layer[l])
     masks = {}
     for sub, name in chosen:
       w = layer_p[sub][name]["kernel"]
       act = stats[calibrate.GROUP_OF[(sub, name)]] / ntokens
       if use_variant:
-        mask, alpha = cumulative_threshold_mask(wanda_scores(w, act), pattern.sparsity)
+        mask, alpha = cumulative_threshold_mask(wanda_scores(w, act), layer_pattern.sparsity)
         alphas[f"layers/{l}/{sub}/{name}"] = float(alpha)
       else:
-        mask = wanda_mask(w, act, pattern)
+        mask = wanda_mask(w, act, layer_pattern)
       layer_p[sub][name]["kernel"] = patterns.apply_mask(w, mask)
       masks[(sub, name)] = mask
     return layer_p, masks, {}
@@ -210,4 +217,6 @@ def wanda(params, config, pattern=0.5, *, calibration=None, use_variant: bool = 
             "timings": dict(timings, total_s=time.perf_counter() - t0)}
   if use_variant:
     report["alpha"] = alphas
+  if allocated is not None:
+    report["allocation"] = allocated
   return PruneResult(new_params, masks, report, config)

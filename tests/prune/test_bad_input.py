@@ -176,7 +176,8 @@ ROWS = [
     row(pj.prune.drop_sublayers, ArgumentError,
         r"drop_sublayers\(kind='ffn'\): expected one of \('attn', 'mlp', 'joint'\)", kind="ffn"),
     row(pj.prune.drop_sublayers, ArgumentError,
-        r"drop_sublayers\(score='cos'\): expected one of \('residual', 'no_norm'\)", score="cos"),
+        r"drop_sublayers\(score='cos'\): expected one of "
+        r"\('residual', 'no_norm', 'kl', 'kl_exact'\)", score="cos"),
     row(pj.prune.drop_sublayers, ArgumentError,
         r"drop_sublayers\(iterative='yes'\): expected True or False", iterative="yes"),
     row(pj.prune.drop_blocks, ArgumentError,
