@@ -163,7 +163,8 @@ def _log_ratio_parts(z_dense: Array, z_pruned: Array, temperature: float):
 
 
 def kl(z_dense: Array, z_pruned: Array, temperature: float = 1.0) -> Array:
-  """KL(p_dense || p_pruned) in nats, through the identity KL = log E_p[exp(u)] - E_p[u], u = dz / T. [..., V] -> [...].
+  """KL(p_dense || p_pruned) in nats, [..., V] -> [...], through the identity
+  KL = log E_p[exp(u)] - E_p[u], u = dz / T.
 
   With v = u - E_p[u], KL = log E_p[exp(v)] - E_p[v] = log1p(a + b) - b, where a = E_p[exp(v) - 1
   - v] is a sum of nonnegative terms computed without cancellation and b = E_p[v] is zero up to
