@@ -44,6 +44,12 @@ def random_params(config: pj.Config, seed: int = 0, head_gain: float = 4.0) -> d
 
 
 @pytest.fixture(scope="session")
+def draw_params():
+  """`random_params(config, seed=0, head_gain=4.0)`, for tests that need another model."""
+  return random_params
+
+
+@pytest.fixture(scope="session")
 def cfg() -> pj.Config:
   return LLAMA
 
