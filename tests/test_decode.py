@@ -17,9 +17,21 @@ STEPS = 6
 ALL = ("logits", "hidden", "logprobs")
 
 
+def _entropy(logits):
+  logp = jax.nn.log_softmax(logits, axis=-1)
+  return -jnp.sum(jnp.exp(logp) * logp, axis=-1)
+
+
+def observe_entropy(out, tok, valid):
+  """A per-step `observe` for generate: a nested pytree of [B] values."""
+  return {"entropy": _entropy(out.logits), "top": {"id": jnp.argmax(out.logits, -1)},
+          "running": valid}
+
+
 @pytest.fixture(scope="module")
 def greedy(params, cfg, tokens):
-  return pj.generate(params, cfg, tokens, STEPS, eos_token_ids=(), capture=ALL)
+  return pj.generate(params, cfg, tokens, STEPS, eos_token_ids=(), capture=ALL,
+                     observe=observe_entropy)
 
 
 @pytest.fixture(scope="module")
@@ -32,11 +44,6 @@ def sampled(params, cfg, tokens):
 def full(params, cfg, tokens, greedy):
   """The forward pass over prompt + greedy continuation, [3, 18]."""
   return pj.forward(params, cfg, jnp.concatenate([tokens, greedy.tokens], axis=1))
-
-
-def _entropy(logits):
-  logp = jax.nn.log_softmax(logits, axis=-1)
-  return -jnp.sum(jnp.exp(logp) * logp, axis=-1)
 
 
 def test_cached_decoding_equals_full_recompute(tokens, greedy, full):
@@ -60,7 +67,8 @@ def test_batched_generation_with_padding_equals_a_full_recompute_of_each_row(par
   for b, n in enumerate(lengths):
     sl = slice(0, n) if side == "right" else slice(T - n, T)
     toks[b, sl], mask[b, sl] = np.asarray(tokens[b, :n]), 1
-  gen = pj.generate(params, cfg, toks, STEPS, prompt_mask=mask, eos_token_ids=(), capture=ALL)
+  gen = pj.generate(params, cfg, toks, STEPS, prompt_mask=mask, eos_token_ids=(), capture=ALL,
+                    observe=observe_entropy)
   # generate left-aligns the prompts it runs
   for b, n in enumerate(lengths):
     np.testing.assert_array_equal(gen.prompt_tokens[b, T - n:], tokens[b, :n])
@@ -88,14 +96,6 @@ def test_eos_ends_a_row_and_pads_the_rest(params, cfg, tokens, greedy):
     np.testing.assert_array_equal(gen.tokens[b, n:], 5)
     np.testing.assert_array_equal(gen.valid[b], np.arange(STEPS) < n)
   assert int(gen.lengths[0]) <= 3
-
-
-def test_config_eos_and_pad_are_the_defaults(params, cfg, tokens, greedy):
-  eos = int(greedy.tokens[1, 1])
-  gen = pj.generate(params, cfg.replace(eos_token_ids=(eos,), pad_token_id=4), tokens, STEPS)
-  row = np.asarray(greedy.tokens[1])
-  n = int(np.argmax(row == eos)) + 1
-  np.testing.assert_array_equal(gen.tokens[1], np.where(np.arange(STEPS) < n, row, 4))
 
 
 def test_sampling_is_reproducible_and_seed_dependent(params, cfg, tokens, sampled):
@@ -223,22 +223,21 @@ def test_decode_step_capture_equals_the_forward_residual_at_that_position(params
     np.testing.assert_allclose(out.logits, full.logits[:, t], rtol=1e-5, atol=1e-4)
 
 
-def _observe_entropy(out, tok, valid):
-  return {"entropy": _entropy(out.logits), "top": {"id": jnp.argmax(out.logits, -1)},
-          "running": valid}
-
-
-def test_generate_observe_returns_step_leaves(params, cfg, tokens, greedy):
-  gen = pj.generate(params, cfg, tokens, STEPS, eos_token_ids=(), capture=("logits",),
-                    observe=_observe_entropy)
+def test_generate_observe_returns_step_leaves(tokens, greedy):
   B = tokens.shape[0]
-  assert jax.tree_util.tree_map(np.shape, gen.observed) == {
+  assert jax.tree_util.tree_map(np.shape, greedy.observed) == {
       "entropy": (B, STEPS), "top": {"id": (B, STEPS)}, "running": (B, STEPS)}
-  np.testing.assert_allclose(gen.observed["entropy"], _entropy(greedy.logits), rtol=1e-5,
+  np.testing.assert_allclose(greedy.observed["entropy"], _entropy(greedy.logits), rtol=1e-5,
                              atol=1e-6)
-  np.testing.assert_array_equal(gen.observed["top"]["id"], greedy.tokens)
-  np.testing.assert_array_equal(gen.tokens, greedy.tokens)
-  assert gen.hidden is None and gen.logprobs is None and greedy.observed is None
+  np.testing.assert_array_equal(greedy.observed["top"]["id"], greedy.tokens)
+  np.testing.assert_array_equal(greedy.observed["running"], greedy.valid)
+
+
+def test_generate_without_observe_or_captures_returns_none(params, cfg, tokens, greedy):
+  gen = pj.generate(params, cfg, tokens, STEPS, eos_token_ids=(int(greedy.tokens[0, 2]),),
+                    pad_id=5)
+  assert gen.observed is None and gen.logits is None and gen.hidden is None
+  assert gen.logprobs is None
 
 
 def test_generate_refuses_an_observe_that_is_not_a_function(params, cfg, tokens):

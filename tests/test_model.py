@@ -37,8 +37,8 @@ def test_residual_matches_a_block_run_alone(params, cfg, tokens, full):
   # Run block 1 alone on the captured input and compare with the captured boundaries.
   B, T = tokens.shape
   p1 = jax.tree_util.tree_map(lambda x: x[1], params["layers"])
-  ctx = M.prompt_context(cfg, jnp.ones((B, T), bool))
-  h_out, h_attn, _, _ = M.block(p1, cfg, full.residual[2], ctx)
+  run_block = jax.jit(lambda p, h: M.block(p, cfg, h, M.prompt_context(cfg, jnp.ones((B, T)))))
+  h_out, h_attn, _, _ = run_block(p1, full.residual[2])
   np.testing.assert_allclose(h_attn, full.residual[3], rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(h_out, full.residual[4], rtol=1e-5, atol=1e-5)
 
@@ -61,7 +61,8 @@ def test_keep_last_and_indices_select_the_same_values(params, cfg, tokens, full)
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
-def test_padded_batch_equals_rows_run_alone(params, cfg, tokens, side):
+def test_padded_rows_equal_the_unpadded_prefixes(params, cfg, tokens, full, side):
+  # Causality makes the first n positions of an unpadded row the row of length n run alone.
   T = tokens.shape[1]
   lengths = [T, 7, 4]
   toks = np.zeros((3, T), np.int32)
@@ -73,10 +74,12 @@ def test_padded_batch_equals_rows_run_alone(params, cfg, tokens, side):
   out = pj.forward(params, cfg, toks, mask)
   last = pj.forward(params, cfg, toks, mask, keep="last")
   for b, n in enumerate(lengths):
-    alone = pj.forward(params, cfg, tokens[b:b + 1, :n])
     sl = slice(T - n, T) if side == "left" else slice(0, n)
-    np.testing.assert_allclose(out.logits[b, sl], alone.logits[0], rtol=1e-5, atol=1e-4)
-    np.testing.assert_allclose(last.logits[b], alone.logits[0, -1:], rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(out.logits[b, sl], full.logits[b, :n], rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(out.residual[:, b, sl], full.residual[:, b, :n], rtol=1e-5,
+                               atol=1e-4)
+    np.testing.assert_allclose(last.logits[b, 0], full.logits[b, n - 1], rtol=1e-5, atol=1e-4)
+    np.testing.assert_array_equal(last.positions[b], [T - 1 if side == "left" else n - 1])
 
 
 def test_bf16_params_run_in_bf16_and_stay_close(params, cfg, tokens, full):

@@ -3,6 +3,10 @@
 References run `pj.generate` (or `decode.prefill` / `decode_step` by hand) for each model on its
 own and recompute every per-step metric with `pj.metrics` from the captured logits and hidden
 states; the analysis must agree token for token and metric for metric.
+
+Compilations are the slow part, so the runs share settings: the main one samples (T = 1.5,
+seed 3) in mode "both"; the block-dropped run is greedy and carries the greedy and the EOS checks
+(the shared EOS id ends the dense greedy row 0 within 3 steps). Every run analyses at T_a = 0.7.
 """
 
 import functools
@@ -18,28 +22,9 @@ from prunerep_jax import metrics as m
 from prunerep_jax.analysis.drift import STEP_METRICS
 
 STEPS = 6
+T_A = 0.7
+SAMPLED = {"temperature": 1.5, "seed": 3}
 TOL = {"rtol": 1e-4, "atol": 1e-6}  # two float32 programs computing the same numbers
-
-
-@pytest.fixture(scope="module")
-def pruned(params, cfg):
-  return pj.prune.magnitude(params, cfg, 0.3).params
-
-
-@pytest.fixture(scope="module")
-def both(params, cfg, tokens, pruned, eos):
-  return pj.analysis.drift(params, pruned, cfg, tokens, STEPS, eos_token_ids=(eos,),
-                           tokenizer=Spaced())
-
-
-@pytest.fixture(scope="module")
-def dense_run(params, cfg, tokens, eos):
-  return run(params, cfg, tokens, eos_token_ids=(eos,))
-
-
-@pytest.fixture(scope="module")
-def pruned_run(pruned, cfg, tokens, eos):
-  return run(pruned, cfg, tokens, eos_token_ids=(eos,))
 
 
 class Spaced:
@@ -49,12 +34,41 @@ class Spaced:
     return " ".join(str(i) for i in ids)
 
 
-def run(params, cfg, tokens, **kwargs):
-  return pj.generate(params, cfg, tokens, STEPS, capture=("logits", "hidden"), **kwargs)
+def run(params, cfg, tokens, eos, **kwargs):
+  return pj.generate(params, cfg, tokens, STEPS, capture=("logits", "hidden"),
+                     eos_token_ids=(eos,), **kwargs)
+
+
+def analyse(dense, pruned, cfg, tokens, eos, **kwargs):
+  return pj.analysis.drift(dense, pruned, cfg, tokens, STEPS, eos_token_ids=(eos,),
+                           analysis_temperature=T_A, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def pruned(params, cfg):
+  return pj.prune.magnitude(params, cfg, 0.4).params
+
+
+@pytest.fixture(scope="module")
+def both(params, cfg, tokens, pruned, eos):
+  return analyse(params, pruned, cfg, tokens, eos, tokenizer=Spaced(), **SAMPLED)
+
+
+@pytest.fixture(scope="module")
+def dense_sampled(params, cfg, tokens, eos):
+  return run(params, cfg, tokens, eos, **SAMPLED)
+
+
+@pytest.fixture(scope="module")
+def blocks(params, cfg, tokens, eos):
+  """A greedy free drift against a model with one block dropped, and its two generations."""
+  pr = pj.prune.drop_blocks(params, cfg, 1, calibration=np.asarray(tokens))
+  r = analyse(params, pr.params, cfg, tokens, eos, pruned_config=pr.config, mode="free")
+  return r, run(params, cfg, tokens, eos), run(pr.params, pr.config, tokens, eos), pr.config
 
 
 @functools.partial(jax.jit, static_argnums=(6,))
-def reference_metrics(hd, hp, zd, zp, tok_d, tok_p, T=1.0):
+def reference_metrics(hd, hp, zd, zp, tok_d, tok_p, T=T_A):
   """STEP_METRICS from two models' captured hidden states [B, S, D] and logits [B, S, V]."""
   return {"cos_h": m.cosine(hd, hp), "one_minus_cos_h": m.one_minus_cosine(hd, hp),
           "cos_z": m.cosine(zd, zp), "one_minus_cos_z": m.one_minus_cosine(zd, zp),
@@ -81,87 +95,90 @@ def assert_free_equals_separate_generations(result, gd, gp):
   assert_track(result, "free", ref, a["free/valid"])
 
 
-def test_free_greedy_drift_equals_two_separate_generations(both, dense_run, pruned_run):
-  assert_free_equals_separate_generations(both, dense_run, pruned_run)
-  assert (np.asarray(dense_run.tokens) != np.asarray(pruned_run.tokens)).any()  # they diverge
-  assert int(dense_run.lengths[0]) <= 3  # and dense row 0 ends early on EOS
-  assert both.meta["mode"] == "both" and both.meta["temperature"] == 0.0
+def test_free_sampled_drift_equals_two_separate_generations_with_the_same_seed(
+    cfg, tokens, pruned, eos, both, dense_sampled):
+  assert_free_equals_separate_generations(both, dense_sampled,
+                                          run(pruned, cfg, tokens, eos, **SAMPLED))
+  assert both.meta["mode"] == "both" and both.meta["temperature"] == 1.5
+  assert both.meta["analysis_temperature"] == T_A and both.meta["seed"] == 3
 
 
-def test_free_sampled_drift_equals_two_separate_generations_with_the_same_seed(params, cfg,
-                                                                              tokens, pruned,
-                                                                              eos):
-  kwargs = {"temperature": 1.5, "seed": 3, "eos_token_ids": (eos,)}
-  r = pj.analysis.drift(params, pruned, cfg, tokens, STEPS, mode="free",
-                        analysis_temperature=0.7, **kwargs)
-  gd, gp = run(params, cfg, tokens, **kwargs), run(pruned, cfg, tokens, **kwargs)
-  a = r.arrays
-  np.testing.assert_array_equal(a["dense/tokens"], gd.tokens)
-  np.testing.assert_array_equal(a["free/tokens"], gp.tokens)
-  np.testing.assert_array_equal(a["free/valid"], np.asarray(gd.valid) & np.asarray(gp.valid))
-  assert "teacher/kl" not in a
-  ref = reference_metrics(gd.hidden, gp.hidden, gd.logits, gp.logits, gd.tokens, gp.tokens, 0.7)
-  assert_track(r, "free", ref, a["free/valid"])
+def test_free_greedy_drift_equals_two_separate_generations(blocks):
+  r, gd, gp, _ = blocks
+  assert_free_equals_separate_generations(r, gd, gp)
+  assert "teacher/kl" not in r.arrays
+  assert (np.asarray(gd.tokens) != np.asarray(gp.tokens)).any()  # the models do diverge
+
+
+def test_a_block_dropped_model_drifts_with_its_own_config(cfg, blocks):
+  _, _, _, pconfig = blocks
+  assert pconfig.num_layers == cfg.num_layers - 1  # (the drift itself: the test above)
 
 
 def test_identical_params_drift_exactly_zero_at_every_step(params, cfg, tokens, eos):
-  r = pj.analysis.drift(params, params, cfg, tokens, STEPS, eos_token_ids=(eos,))
+  r = analyse(params, params, cfg, tokens, eos, **SAMPLED)
   for track in ("teacher", "free"):
     a = {k: r.arrays[f"{track}/{k}"] for k in STEP_METRICS}
     np.testing.assert_array_equal(a["agree"], 1.0)
     for k in ("kl", "kl_estimate", "one_minus_cos_p", "cos_p_estimate", "one_minus_cos_z",
               "rms_dz"):
       np.testing.assert_array_equal(a[k], 0.0, err_msg=f"{track}/{k}")
-    for k in ("cos_h", "cos_z", "cos_p"):  # <a, b> / sqrt(|a|^2 |b|^2): one float32 step
-      np.testing.assert_allclose(a[k], 1.0, rtol=0, atol=2**-23, err_msg=f"{track}/{k}")
     # XLA compiles the two models' copies of the final norm into differently fused kernels, so
     # their hidden states may differ in the last bit (the logits come out identical): 1 - cos of
-    # two vectors one float32 step apart is ~1e-15 at most
+    # two vectors a float32 step apart is ~1e-15 at most, and the plain cosine
+    # <a, b> / sqrt(|a|^2 |b|^2) lands within a few float32 steps of 1
     assert a["one_minus_cos_h"].max() < 1e-14
+    for k in ("cos_h", "cos_z", "cos_p"):
+      np.testing.assert_allclose(a[k], 1.0, rtol=0, atol=1e-6, err_msg=f"{track}/{k}")
   assert all(p["first_divergence"] == STEPS and not p["diverged"] for p in r.table("prompts"))
 
 
 @functools.partial(jax.jit, static_argnums=(1,))
-def _teacher_forced(pruned, cfg, tokens, dense_tokens):
-  """The pruned model fed the dense tokens by hand: logits, hidden [B, S, ...]."""
+def _teacher_forced(pruned, cfg, tokens, dense_tokens, dense_valid):
+  """The pruned model fed the dense tokens by hand: its logits, hidden states [B, S, ...] and the
+  tokens it would sample with the drift's per-step keys (pad 0 once the dense row ended)."""
   out, state = decode.prefill(pruned, cfg, tokens, jnp.ones(tokens.shape, bool),
                               tokens.shape[1] + STEPS)
   outs = [out]
   for i in range(1, STEPS):
     out, state = decode.decode_step(pruned, cfg, state, dense_tokens[:, i - 1])
     outs.append(out)
-  return jnp.stack([o.logits for o in outs], 1), jnp.stack([o.hidden for o in outs], 1)
+  key = jax.random.key(SAMPLED["seed"])
+  chosen = [decode.sample(o.logits, decode.step_key(key, i),
+                          decode.Sampling(SAMPLED["temperature"])) for i, o in enumerate(outs)]
+  return (jnp.stack([o.logits for o in outs], 1), jnp.stack([o.hidden for o in outs], 1),
+          jnp.where(dense_valid, jnp.stack(chosen, 1), 0))
 
 
 def test_teacher_mode_feeds_the_pruned_model_the_dense_tokens(cfg, tokens, pruned, both,
-                                                              dense_run):
-  gd = dense_run
-  logits, hidden = _teacher_forced(pruned, cfg, tokens, gd.tokens)
+                                                              dense_sampled):
+  gd = dense_sampled
+  logits, hidden, chosen = _teacher_forced(pruned, cfg, tokens, gd.tokens, gd.valid)
   a = both.arrays
   valid = np.asarray(gd.valid)
   np.testing.assert_array_equal(a["teacher/valid"], valid)
   np.testing.assert_array_equal(a["teacher/running"], valid)
-  # what the pruned model would choose in the dense context (pad once the dense row ended)
-  np.testing.assert_array_equal(a["teacher/tokens"], np.where(valid, np.argmax(logits, -1), 0))
-  ref = reference_metrics(gd.hidden, hidden, gd.logits, logits, gd.tokens, a["teacher/tokens"])
+  np.testing.assert_array_equal(a["teacher/tokens"], chosen)
+  ref = reference_metrics(gd.hidden, hidden, gd.logits, logits, gd.tokens, chosen)
   assert_track(both, "teacher", ref, valid)
-  # teacher forcing keeps the contexts together: it agrees at least as often as free running
-  assert a["teacher/agree"][valid].mean() >= a["free/agree"][a["free/valid"]].mean()
+  # once free running diverged, its contexts differ from the teacher-forced ones
+  assert not np.array_equal(a["teacher/kl"], a["free/kl"])
 
 
 def test_mode_both_equals_free_and_teacher_run_separately(params, cfg, tokens, pruned, eos,
                                                           both):
-  free = pj.analysis.drift(params, pruned, cfg, tokens, STEPS, mode="free", eos_token_ids=(eos,))
-  teacher = pj.analysis.drift(params, pruned, cfg, tokens, STEPS, mode="teacher",
-                              eos_token_ids=(eos,))
-  for single, track in ((free, "free"), (teacher, "teacher")):
-    assert {k for k in single.arrays} == {k for k in both.arrays
-                                          if k.startswith(("dense/", f"{track}/"))}
+  for track in ("free", "teacher"):
+    single = analyse(params, pruned, cfg, tokens, eos, mode=track, **SAMPLED)
+    assert set(single.arrays) == {k for k in both.arrays if k.startswith(("dense/", track))}
     for k, v in single.arrays.items():
       np.testing.assert_allclose(v, both.arrays[k], rtol=1e-6, atol=1e-7, err_msg=k)
     rows = [r for r in both.table("prompts") if r["track"] == track]
-    assert [r["first_divergence"] for r in single.table("prompts")] == [
-        r["first_divergence"] for r in rows]
+    assert single.table("prompts") == rows
+    steps = [r for r in both.table("summary") if r["track"] == track]
+    for got, want in zip(single.table("summary"), steps, strict=True):
+      assert got.keys() == want.keys()
+      np.testing.assert_allclose([got[k] for k in STEP_METRICS], [want[k] for k in STEP_METRICS],
+                                 rtol=1e-6)
 
 
 def test_first_divergence_and_agreement_match_a_hand_computation(both):
@@ -186,37 +203,32 @@ def test_first_divergence_and_agreement_match_a_hand_computation(both):
 def test_texts_decode_each_trajectory_up_to_its_end(both):
   a = both.arrays
   texts = {(r["prompt"], r["track"]): r["text"] for r in both.table("texts")}
+  assert len(texts) == 3 * a["dense/tokens"].shape[0]
   for b in range(a["dense/tokens"].shape[0]):
-    n = int(a["dense/valid"][b].sum())
-    assert texts[(b, "dense")] == " ".join(str(i) for i in a["dense/tokens"][b, :n])
-    n = int(a["free/running"][b].sum())
-    assert texts[(b, "free")] == " ".join(str(i) for i in a["free/tokens"][b, :n])
+    for track, running in (("dense", "dense/valid"), ("free", "free/running"),
+                           ("teacher", "teacher/running")):
+      tokens = a["dense/tokens" if track == "dense" else f"{track}/tokens"][b]
+      n = int(a[running][b].sum())
+      assert texts[(b, track)] == " ".join(str(i) for i in tokens[:n])
 
 
-def test_rows_that_ended_stop_counting(both):
-  a = both.arrays
-  assert not a["free/valid"][0, 3:].any() and not a["teacher/valid"][0, 3:].any()
-  np.testing.assert_array_equal(a["teacher/valid"], a["dense/valid"])
-  np.testing.assert_array_equal(a["free/valid"], a["dense/valid"] & a["free/running"])
-  np.testing.assert_array_equal(a["dense/tokens"][~a["dense/valid"]], 0)  # pad after the end
-  for rec in both.table("summary"):
-    valid = a[f"{rec['track']}/valid"][:, rec["step"]]
+def test_rows_that_ended_stop_counting(blocks):
+  r, gd, _, _ = blocks
+  a = r.arrays
+  n = int(gd.lengths[0])
+  assert n <= 3  # the shared EOS id ends dense row 0 early
+  assert not a["free/valid"][0, n:].any()
+  np.testing.assert_array_equal(a["dense/tokens"][0, n:], 0)  # pad after the end
+  for rec in r.table("summary"):
+    valid = a["free/valid"][:, rec["step"]]
     assert rec["prompts"] == valid.sum()
     for k in ("kl", "cos_h", "agree"):
       if valid.any():
-        np.testing.assert_allclose(rec[k], a[f"{rec['track']}/{k}"][valid, rec["step"]].mean(),
-                                   rtol=1e-6)
+        np.testing.assert_allclose(rec[k], a[f"free/{k}"][valid, rec["step"]].mean(), rtol=1e-6)
       else:
         assert rec[k] is None
-
-
-def test_a_block_dropped_model_drifts_with_its_own_config(params, cfg, tokens, eos, dense_run):
-  pr = pj.prune.drop_blocks(params, cfg, 1, calibration=np.asarray(tokens))
-  assert pr.config.num_layers == cfg.num_layers - 1
-  r = pj.analysis.drift(params, pr.params, cfg, tokens, STEPS, pruned_config=pr.config,
-                        mode="free", eos_token_ids=(eos,))
-  assert_free_equals_separate_generations(r, dense_run,
-                                          run(pr.params, pr.config, tokens, eos_token_ids=(eos,)))
+  first = r.table("prompts")[0]
+  assert first["steps_compared"] == a["free/valid"][0].sum() <= n
 
 
 def test_bad_inputs_are_refused_before_any_work(params, cfg, tokens, pruned, draw_params):
@@ -235,3 +247,13 @@ def test_bad_inputs_are_refused_before_any_work(params, cfg, tokens, pruned, dra
     pj.analysis.drift(params, pruned, cfg, tokens, STEPS, analysis_temperature=0)
   with pytest.raises(ValueError, match=r"drift\(eos_token_ids\[0\]=101\)"):
     pj.analysis.drift(params, pruned, cfg, tokens, STEPS, eos_token_ids=[101])
+  with pytest.raises(ValueError, match=r"drift\(eos_token_ids='5'\): expected a token id or a "
+                                       r"sequence of token ids in \[0, 101\)"):
+    pj.analysis.drift(params, pruned, cfg, tokens, STEPS, eos_token_ids="5")
+
+
+def test_eos_ids_may_be_any_sequence_of_ids(params, cfg, tokens, pruned, eos, both):
+  r = pj.analysis.drift(params, pruned, cfg, tokens, STEPS, eos_token_ids=np.array([eos]),
+                        analysis_temperature=T_A, **SAMPLED)
+  for k, v in both.arrays.items():
+    np.testing.assert_array_equal(r.arrays[k], v, err_msg=k)
