@@ -240,6 +240,10 @@ def test_bad_inputs_are_refused_before_any_work(params, cfg, tokens, pruned, dra
     pj.analysis.drift(params, pruned, cfg, tokens, 64 - T + 1)
   with pytest.raises(ValueError, match=r"drift\(steps=0\)"):
     pj.analysis.drift(params, pruned, cfg, tokens, 0)
+  short = cfg.replace(max_position_embeddings=20)  # the pruned model's context bounds it too
+  with pytest.raises(ValueError, match=r"drift\(steps=9\): expected an integer in "
+                                       r"\[1, max_position_embeddings - T = 8\]"):
+    pj.analysis.drift(params, pruned, cfg, tokens, 9, pruned_config=short)
   wide = cfg.replace(vocab_size=cfg.vocab_size + 1)
   with pytest.raises(ValueError, match=r"drift\(pruned_config=.*vocab_size 101"):
     pj.analysis.drift(params, draw_params(wide), cfg, tokens, STEPS, pruned_config=wide)

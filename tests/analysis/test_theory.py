@@ -85,10 +85,10 @@ def test_theorem_check_of_a_layerwise_result(params, cfg, tokens):
 
 
 def test_theorem_check_of_a_drift_result(params, cfg, tokens, eos):
-  # the whole model pruned drifts more than one sublayer does: a smaller sparsity keeps the
-  # change in the second-order regime
+  # Every layer pruned at once, read at T_a = 0.7 (dz / T grows), moves p more than one
+  # sublayer does: sparsity 0.02 keeps the change in the second-order regime. (The settings are
+  # test_drift's main run, so the scan compiles once per session.)
   pruned = pj.prune.magnitude(params, cfg, 0.02).params
-  # (the settings of test_drift's main run, so the scan compiles once per session)
   dr = pj.analysis.drift(params, pruned, cfg, tokens, 6, eos_token_ids=(eos,), temperature=1.5,
                          seed=3, analysis_temperature=0.7)
   check = pj.analysis.theorem_check(dr)
