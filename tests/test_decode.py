@@ -5,6 +5,8 @@ Every generation here has the same shapes ([3, 12] prompts, 6 steps), so `genera
 once per sampling/stopping/capture combination.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -112,10 +114,13 @@ def test_sampling_is_reproducible_and_seed_dependent(params, cfg, tokens, sample
 
 
 def test_each_step_draws_with_its_own_fold_in_key(sampled):
-  keys = jax.vmap(lambda i: decode.step_key(jax.random.key(3), i))(jnp.arange(STEPS))
-  expect = jax.vmap(lambda z, k: decode.sample(z, k, decode.Sampling(1.5)), in_axes=(1, 0))(
-      sampled.logits, keys)
-  np.testing.assert_array_equal(sampled.tokens, np.asarray(expect).T)
+  @jax.jit
+  def redraw(logits):  # [B, S, V] -> [S, B]: step i samples with fold_in(key(3), i)
+    keys = jax.vmap(lambda i: decode.step_key(jax.random.key(3), i))(jnp.arange(STEPS))
+    return jax.vmap(lambda z, k: decode.sample(z, k, decode.Sampling(1.5)), in_axes=(1, 0))(
+        logits, keys)
+
+  np.testing.assert_array_equal(sampled.tokens, np.asarray(redraw(sampled.logits)).T)
 
 
 # ------------------------------------------------------------------ sampling and stopping
@@ -124,8 +129,13 @@ LOGITS = jnp.asarray(np.random.RandomState(1).randn(4, 101) * 2.0, jnp.float32)
 KEYS = jax.random.split(jax.random.key(0), 300)
 
 
-def _draws(sampling):
-  return np.asarray(jax.vmap(lambda k: decode.sample(LOGITS, k, sampling))(KEYS))  # [300, 4]
+@functools.partial(jax.jit, static_argnums=(2,))
+def _draws_jit(logits, keys, sampling):
+  return jax.vmap(lambda k: decode.sample(logits, k, sampling))(keys)
+
+
+def _draws(sampling, logits=LOGITS):
+  return np.asarray(_draws_jit(logits, KEYS, sampling))  # [300, B]
 
 
 def test_greedy_top_k_one_and_tiny_top_p_all_take_the_argmax():
@@ -144,8 +154,7 @@ def test_top_k_draws_only_from_the_k_largest_logits():
 
 def test_top_p_keeps_the_smallest_prefix_reaching_the_mass():
   logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]]))
-  draws = np.asarray(jax.vmap(lambda k: decode.sample(logits, k, decode.Sampling(1.0, top_p=0.75)))(
-      KEYS))
+  draws = _draws(decode.Sampling(1.0, top_p=0.75), logits)
   assert set(np.unique(draws)) == {0, 1}
   # the kept tokens are drawn in proportion to their renormalised probabilities (5:3)
   assert abs((draws == 0).mean() - 0.625) < 0.1
