@@ -16,7 +16,6 @@ import jax.numpy as jnp
 from prunerep_jax import validate
 
 Array = jax.Array
-_EPS = 1e-30
 
 
 def _f32(*xs):
@@ -49,8 +48,6 @@ def probs(z: Array, temperature: float = 1.0) -> Array:
   """softmax(z / T) over the last axis, float32."""
   temperature = _temperature("probs", temperature)
   return jax.nn.softmax(jnp.asarray(z, jnp.float32) / temperature, axis=-1)
-
-
 
 
 def _weighted_var(dz: Array, w: Array) -> Array:
@@ -136,37 +133,68 @@ def one_minus_cosine(x: Array, x_pruned: Array, d: Array | None = None) -> Array
   return jnp.where(either_zero, jnp.where(both_zero, 0.0, 1.0), value)
 
 
-def kl(z_dense: Array, z_pruned: Array, temperature: float = 1.0) -> Array:
-  """KL(p_dense || p_pruned) in nats, through the identity KL = log E_p[exp(u)] - E_p[u], u = dz / T. [..., V] -> [...].
+def _expm1_minus_x(v: Array) -> Array:
+  """exp(v) - 1 - v >= 0 elementwise, without the cancellation of expm1(v) - v at small |v|."""
+  small = jnp.abs(v) < 0.5
+  s = jnp.where(small, v, 0.0)
+  # Taylor series to v^9 (truncation < 1e-9 relative at |v| = 0.5); expm1(v) - v loses at most
+  # 3e-7 relative for |v| >= 0.5.
+  series = s * s * (1 / 2 + s * (1 / 6 + s * (1 / 24 + s * (1 / 120 + s * (
+      1 / 720 + s * (1 / 5040 + s * (1 / 40320 + s / 362880)))))))
+  return jnp.where(small, series, jnp.expm1(v) - v)
 
-  With v = u - E_p[u], KL = log E_p[exp(v)] = log1p(E_p[expm1(v)]): for small changes E_p[expm1 v]
-  ~ Var_p(v) / 2 is computed without cancellation, so float32 keeps its relative precision down
-  to KL ~ 1e-12 (the log-softmax difference form bottoms out near 1e-7). For large changes
-  (max |v| > 20) the log-sum-exp form is used instead, which cannot overflow.
+
+def _log_ratio_parts(z_dense: Array, z_pruned: Array, temperature: float):
+  """What KL and log p' - log p are built from, for z [..., V]:
+
+  logp [..., V] (dense log-softmax), v = u - E_p[u] [..., V] with u = dz / T, and the scalars
+  [...] a = E_p[exp(v) - 1 - v] >= 0, b = E_p[v] (zero up to rounding) and small (max |v| <= 20).
+  Then log E_p[exp(v)] = log1p(a + b) and log p' - log p = v - log1p(a + b): a is a sum of
+  nonnegative terms, so it keeps float32's relative precision however small the change.
   """
-  temperature = _temperature("kl", temperature)
   z_dense, z_pruned = _f32(z_dense, z_pruned)
   logp = jax.nn.log_softmax(z_dense / temperature, axis=-1)
   p = jnp.exp(logp)
   u = (z_pruned - z_dense) / temperature
   v = u - _dot(p, u)[..., None]
   small = jnp.max(jnp.abs(v), axis=-1) <= 20.0
-  series = jnp.log1p(_dot(p, jnp.expm1(jnp.minimum(v, 20.0))))
-  lse = jax.nn.logsumexp(logp + v, axis=-1)
+  a = _dot(p, _expm1_minus_x(jnp.minimum(v, 20.0)))
+  return logp, v, a, _dot(p, v), small
+
+
+def kl(z_dense: Array, z_pruned: Array, temperature: float = 1.0) -> Array:
+  """KL(p_dense || p_pruned) in nats, [..., V] -> [...], through the identity
+  KL = log E_p[exp(u)] - E_p[u], u = dz / T.
+
+  With v = u - E_p[u], KL = log E_p[exp(v)] - E_p[v] = log1p(a + b) - b, where a = E_p[exp(v) - 1
+  - v] is a sum of nonnegative terms computed without cancellation and b = E_p[v] is zero up to
+  rounding: float32 keeps ~1e-6 relative precision however small the KL (a log-softmax
+  difference form bottoms out near 1e-7, and a plain E_p[expm1(v)] loses the first-order terms'
+  rounding, ~1e-7 |v|, against KL ~ |v|^2). For large changes (max |v| > 20) the log-sum-exp form
+  is used instead, which cannot overflow.
+  """
+  temperature = _temperature("kl", temperature)
+  logp, v, a, b, small = _log_ratio_parts(z_dense, z_pruned, temperature)
+  series = jnp.log1p(a + b) - b
+  lse = jax.nn.logsumexp(logp + v, axis=-1) - b
   return jnp.maximum(jnp.where(small, series, lse), 0.0)
 
 
 def one_minus_cos_p(z_dense: Array, z_pruned: Array, temperature: float = 1.0) -> Array:
   """1 - cos(p, p') with p = softmax(z / T), accurate for small changes. [..., V] -> [...].
 
-  p' - p is formed as p * expm1(log p' - log p), never as a difference of two probabilities.
+  p' - p is formed as p * expm1(log p' - log p), never as a difference of two probabilities, and
+  log p' - log p = v - log1p(a + b) from the change itself (see `kl`), never as a difference of
+  two log-softmaxes (whose rounding, ~1e-7 |log p|, would swamp a change of 1e-5). Where p' is
+  more than e times p the plain difference p' - p is exact enough and cannot overflow.
   """
   temperature = _temperature("one_minus_cos_p", temperature)
-  z_dense, z_pruned = _f32(z_dense, z_pruned)
-  lp = jax.nn.log_softmax(z_dense / temperature, axis=-1)
-  lq = jax.nn.log_softmax(z_pruned / temperature, axis=-1)
-  p, q = jnp.exp(lp), jnp.exp(lq)
-  return one_minus_cosine(p, q, p * jnp.expm1(lq - lp))
+  logp, v, a, b, small = _log_ratio_parts(z_dense, z_pruned, temperature)
+  lq = jax.nn.log_softmax(jnp.asarray(z_pruned, jnp.float32) / temperature, axis=-1)
+  ratio = jnp.where(small[..., None], v - jnp.log1p(a + b)[..., None], lq - logp)
+  p, q = jnp.exp(logp), jnp.exp(lq)
+  d = jnp.where(ratio < 1.0, p * jnp.expm1(jnp.minimum(ratio, 1.0)), q - p)
+  return one_minus_cosine(p, q, d)
 
 
 def theorem1_estimate(x: Array, x_pruned: Array) -> Array:

@@ -148,13 +148,13 @@ def drift(dense_params, pruned_params, config: Config, prompt_tokens, steps: int
   tokens = validate.tokens(fn, prompt_tokens, config.vocab_size, name="prompt_tokens")
   mask = validate.mask(fn, "prompt_mask", prompt_mask, tokens.shape)
   B, T = tokens.shape
-  steps = validate.integer(fn, "steps", steps, minimum=1,
-                           maximum=min(config.max_position_embeddings,
-                                       pconfig.max_position_embeddings) - T,
+  context = min(config.max_position_embeddings, pconfig.max_position_embeddings)
+  steps = validate.integer(fn, "steps", steps, minimum=1, maximum=context - T,
                            expected=f"an integer in [1, max_position_embeddings - T = "
-                                    f"{config.max_position_embeddings - T}]")
-  eos = config.eos_token_ids if eos_token_ids is None else eos_token_ids
-  eos = () if eos == () else validate.token_ids(fn, "eos_token_ids", eos, config.vocab_size)
+                                    f"{context - T}]")
+  eos = validate.token_ids(fn, "eos_token_ids",
+                           config.eos_token_ids if eos_token_ids is None else eos_token_ids,
+                           config.vocab_size)
   if pad_id is None:
     pad_id = config.pad_token_id if config.pad_token_id is not None else 0
   stopping = decode.Stopping(tuple(eos), validate.token_id(fn, "pad_id", pad_id,

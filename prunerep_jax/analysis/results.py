@@ -42,20 +42,25 @@ class Result:
     return self.tables[name or self.main_table]
 
   def save(self, directory: str, name: Optional[str] = None, *, overwrite: bool = True) -> dict:
-    """Writes NAME.json, NAME.csv and NAME.npz into `directory`; returns their paths."""
+    """Writes NAME.json, NAME.csv and NAME.npz into `directory`; returns their paths.
+
+    All three are serialised and their destinations checked before the first one is written, so
+    an unserialisable value or a refused overwrite leaves nothing behind.
+    """
     name = name or self.kind
-    os.makedirs(directory, exist_ok=True)
     doc = {"kind": self.kind, "meta": self.meta, "tables": self.tables,
            "main_table": self.main_table}
-    paths = {ext: os.path.join(directory, f"{name}.{ext}") for ext in ("json", "csv", "npz")}
-    atomic.write_json(paths["json"], _jsonable(doc), overwrite=overwrite, caller="Result.save",
-                      name="directory")
-    atomic.write_text(paths["csv"], _csv(self.table()), overwrite=overwrite,
-                      caller="Result.save", name="directory")
     buf = io.BytesIO()
     np.savez_compressed(buf, **{k: np.asarray(v) for k, v in self.arrays.items()})
-    atomic.write_bytes(paths["npz"], buf.getvalue(), overwrite=overwrite, caller="Result.save",
-                       name="directory")
+    text = atomic.json_text(_jsonable(doc), caller="Result.save", name="self")
+    payloads = {"json": text.encode(), "csv": _csv(self.table()).encode(), "npz": buf.getvalue()}
+    paths = {ext: os.path.join(directory, f"{name}.{ext}") for ext in payloads}
+    for path in paths.values():
+      atomic.check_destination(path, overwrite=overwrite, caller="Result.save", name="directory",
+                               want_dir=False)
+    for ext, data in payloads.items():
+      atomic.write_bytes(paths[ext], data, overwrite=overwrite, caller="Result.save",
+                         name="directory")
     return paths
 
   @classmethod

@@ -98,7 +98,8 @@ def option_subspace(dense_params, pruned_params, config: Config, prompt_tokens, 
   B = tokens.shape[0]
   if answers is not None:
     answers = np.asarray([validate.integer(fn, f"answers[{i}]", a, minimum=0, maximum=K - 1)
-                          for i, a in enumerate(np.asarray(answers).reshape(-1))], np.int32)
+                          for i, a in enumerate(np.asarray(answers).reshape(-1).tolist())],
+                         np.int32)
     if answers.size != B:
       raise validate.fail(fn, "answers", answers, f"{B} answers, one per prompt")
   batch_size = validate.integer(fn, "batch_size", batch_size, minimum=1)
