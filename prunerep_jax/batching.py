@@ -49,8 +49,10 @@ LOGIT_ELEMENTS = 1 << 25
 
 def chunk_size(batch: int, positions: int, vocab: int) -> int:
   """Positions per chunk so that a [batch, chunk, vocab] float32 array stays within
-  LOGIT_ELEMENTS."""
-  return max(1, min(positions, LOGIT_ELEMENTS // max(1, batch * vocab)))
+  LOGIT_ELEMENTS, with the positions split into as few, equally sized chunks as that allows."""
+  most = max(1, min(positions, LOGIT_ELEMENTS // max(1, batch * vocab)))
+  n = -(-positions // most)
+  return -(-positions // n)  # balanced: n chunks of nearly equal size, the least padding
 
 
 def map_chunks(fn, chunk: int, *xs):

@@ -27,13 +27,12 @@ def _dot(a, b):
 
 
 def cosine(a: Array, b: Array) -> Array:
-  """cos(a, b) over the last axis: [..., D] x2 -> [...]. Zero vectors give 0."""
+  """cos(a, b) over the last axis: [..., D] x2 -> [...]. Zero vectors give 0.
+
+  Plain float32 dot products: hidden states of |h| ~ 1e4 square to 1e8, far from float32's
+  range (entries beyond ~1e17 would overflow). Near cos = 1 prefer `one_minus_cosine`.
+  """
   a, b = _f32(a, b)
-  # scale both by their max-abs first: hidden states reach |h| ~ 1e4 and their squares sum fast
-  sa = jnp.max(jnp.abs(a), axis=-1, keepdims=True)
-  sb = jnp.max(jnp.abs(b), axis=-1, keepdims=True)
-  a = a / jnp.where(sa > 0, sa, 1.0)
-  b = b / jnp.where(sb > 0, sb, 1.0)
   denom = jnp.sqrt(_dot(a, a) * _dot(b, b))
   return jnp.where(denom > 0, _dot(a, b) / jnp.where(denom > 0, denom, 1.0), 0.0)
 
@@ -80,9 +79,6 @@ def parallel_orthogonal(x: Array, x_pruned: Array, d: Array | None = None) -> di
   """
   x, xp = _f32(x, x_pruned)
   d = xp - x if d is None else jnp.asarray(d, jnp.float32)
-  s = jnp.max(jnp.abs(x), axis=-1, keepdims=True)
-  s = jnp.where(s > 0, s, 1.0)
-  x, d = x / s, d / s
   xx = _dot(x, x)
   alpha = _dot(d, x) / jnp.where(xx > 0, xx, 1.0)
   perp_vec = d - alpha[..., None] * x
@@ -118,10 +114,10 @@ def one_minus_cosine(x: Array, x_pruned: Array, d: Array | None = None) -> Array
   """
   x, xp = _f32(x, x_pruned)
   d = xp - x if d is None else jnp.asarray(d, jnp.float32)
-  s = jnp.maximum(jnp.max(jnp.abs(x), axis=-1, keepdims=True),
-                  jnp.max(jnp.abs(xp), axis=-1, keepdims=True))
-  s = jnp.where(s > 0, s, 1.0)
-  x, xp, d = x / s, xp / s, d / s
+  return _one_minus_cosine(x, xp, d)
+
+
+def _one_minus_cosine(x: Array, xp: Array, d: Array) -> Array:
   xx, pp = _dot(x, x), _dot(xp, xp)
   alpha = _dot(d, x) / jnp.where(xx > 0, xx, 1.0)
   perp = d - alpha[..., None] * x
@@ -195,6 +191,68 @@ def one_minus_cos_p(z_dense: Array, z_pruned: Array, temperature: float = 1.0) -
   p, q = jnp.exp(logp), jnp.exp(lq)
   d = jnp.where(ratio < 1.0, p * jnp.expm1(jnp.minimum(ratio, 1.0)), q - p)
   return one_minus_cosine(p, q, d)
+
+
+def _cosine_from(a: Array, b: Array, one_minus: Array) -> Array:
+  """cos(a, b): 1 - (1 - cos) near 1, where that is the accurate form; the plain ratio elsewhere
+  (near 0, 1 - (1 - cos) would lose the relative precision)."""
+  return jnp.where(one_minus < 0.5, 1.0 - one_minus, cosine(a, b))
+
+
+LOGIT_COMPARISONS = ("cos_z", "one_minus_cos_z", "par_z", "perp_z", "rms_dz", "cos_p",
+                     "one_minus_cos_p", "cos_p_estimate", "kl", "kl_estimate", "top1_agree")
+
+
+def compare_logits(z_dense: Array, z_pruned: Array, temperature: float = 1.0) -> dict:
+  """Every logit- and probability-space comparison of the analyses in one fused pass.
+
+  [..., V] x2 -> dict of [...] float32 with the keys of LOGIT_COMPARISONS: cos(z, z') and
+  1 - cos(z, z'); the parallel / orthogonal parts of dz (relative to |z|); RMS of dz; cos(p, p'),
+  1 - cos(p, p') and its Theorem 2 estimate; KL(p || p') and its Theorem 3 estimate; whether the
+  two argmax tokens agree. Each value equals its stand-alone function (`one_minus_cosine`, `kl`,
+  ...), but the log-softmax, p, dz and the log-ratio are computed once and shared, and leading
+  axes are flattened first (XLA:CPU reduces [1, C, V] far more slowly than [C, V]).
+  """
+  temperature = _temperature("compare_logits", temperature)
+  zd, zp = _f32(z_dense, z_pruned)
+  lead = zd.shape[:-1]
+  zd, zp = zd.reshape(-1, zd.shape[-1]), zp.reshape(-1, zp.shape[-1])
+  dz = zp - zd
+  logp = jax.nn.log_softmax(zd / temperature, axis=-1)
+  p = jnp.exp(logp)
+  u = dz / temperature
+  v = u - _dot(p, u)[..., None]
+  small = jnp.max(jnp.abs(v), axis=-1) <= 20.0
+  a = _dot(p, _expm1_minus_x(jnp.minimum(v, 20.0)))
+  b = _dot(p, v)
+  # log E_p[exp(v)], so that log p' = log p + v - log_z exactly (p' = softmax(z' / T)).
+  log_z = jnp.where(small, jnp.log1p(a + b), jax.nn.logsumexp(logp + v, axis=-1))
+  ratio = v - log_z[..., None]  # log p' - log p, from the change itself
+  q = p * jnp.exp(ratio)
+  dp = jnp.where(ratio < 1.0, p * jnp.expm1(jnp.minimum(ratio, 1.0)), q - p)
+  one_minus_cos_p = _one_minus_cosine(p, q, dp)
+  r = jax.nn.softmax(2.0 * logp, axis=-1)  # p^2 normalised, in log space
+  one_minus_cos_z = _one_minus_cosine(zd, zp, dz)
+  zz = _dot(zd, zd)
+  alpha = _dot(dz, zd) / jnp.where(zz > 0, zz, 1.0)
+  perp = dz - alpha[..., None] * zd
+  norm_z = jnp.sqrt(zz)
+  out = {
+      "cos_z": _cosine_from(zd, zp, one_minus_cos_z),
+      "one_minus_cos_z": one_minus_cos_z,
+      "par_z": jnp.abs(alpha),
+      "perp_z": jnp.sqrt(_dot(perp, perp)) / jnp.where(norm_z > 0, norm_z, 1.0),
+      "rms_dz": jnp.sqrt(jnp.mean(jnp.square(dz), axis=-1)),
+      "cos_p": _cosine_from(p, q, one_minus_cos_p),
+      "one_minus_cos_p": one_minus_cos_p,
+      "cos_p_estimate": _weighted_var(u, r) / 2.0,
+      "kl": jnp.maximum(log_z - b, 0.0),
+      "kl_estimate": _dot(p, jnp.square(v)) / 2.0,
+      # top_k, not argmax: XLA:CPU does not vectorise argmax over the vocabulary
+      "top1_agree": (jax.lax.top_k(zd, 1)[1][..., 0] ==
+                     jax.lax.top_k(zp, 1)[1][..., 0]).astype(jnp.float32),
+  }
+  return {k: x.reshape(lead) for k, x in out.items()}
 
 
 def theorem1_estimate(x: Array, x_pruned: Array) -> Array:

@@ -40,18 +40,11 @@ STEP_METRICS = ("cos_h", "one_minus_cos_h", "cos_z", "one_minus_cos_z", "rms_dz"
 def step_metrics(dense: decode.StepOutput, pruned: decode.StepOutput, tok_dense, tok_pruned,
                  temperature: float) -> dict:
   """Per-row metrics of one decoding step, dense vs pruned: dict of [B] float32."""
-  zd, zp = dense.logits, pruned.logits
   return {
       "cos_h": metrics.cosine(dense.hidden, pruned.hidden),
       "one_minus_cos_h": metrics.one_minus_cosine(dense.hidden, pruned.hidden),
-      "cos_z": metrics.cosine(zd, zp),
-      "one_minus_cos_z": metrics.one_minus_cosine(zd, zp),
-      "rms_dz": metrics.rms_dz(zd, zp),
-      "cos_p": metrics.cosine(metrics.probs(zd, temperature), metrics.probs(zp, temperature)),
-      "one_minus_cos_p": metrics.one_minus_cos_p(zd, zp, temperature),
-      "cos_p_estimate": metrics.cos_p_estimate(zd, zp, temperature),
-      "kl": metrics.kl(zd, zp, temperature),
-      "kl_estimate": metrics.kl_estimate(zd, zp, temperature),
+      **{k: v for k, v in metrics.compare_logits(dense.logits, pruned.logits, temperature).items()
+         if k in STEP_METRICS},
       "agree": (tok_dense == tok_pruned).astype(jnp.float32),
   }
 
@@ -60,7 +53,7 @@ def _tracks(mode: str) -> tuple[str, ...]:
   return ("free", "teacher") if mode == "both" else (mode,)
 
 
-@functools.partial(jax.jit, static_argnums=(2, 3, 7, 8, 9, 10, 11))
+@functools.partial(jax.jit, static_argnums=(2, 3, 7, 8, 9, 10))
 def _drift(dense, pruned, config, pconfig, tokens, mask, seed, steps, mode, sampling, stopping,
            temperature):
   """Returns {"dense": {tokens, valid}, track: {tokens, valid, running, <STEP_METRICS>}}, leaves

@@ -47,6 +47,7 @@ POSITION_METRICS = ("cos_h", "one_minus_cos_h", "alpha_h", "par_h", "perp_h",
                     "cos_z", "one_minus_cos_z", "par_z", "perp_z",
                     "rms_dz", "cos_p", "one_minus_cos_p", "cos_p_estimate", "kl", "kl_estimate",
                     "top1_agree")
+assert set(POSITION_METRICS) >= set(metrics.LOGIT_COMPARISONS)
 
 
 def pruned_params_of(pruned: Any, config: Config, fn: str) -> Any:
@@ -91,24 +92,13 @@ def _compare(params, config: Config, x, x_cf, d, lens: str, temperature: float,
 
   def logit_metrics(a, b):  # [B, C, D] x2 -> dict of [B, C]
     z, z_cf = logit_lens(params, config, a, lens), logit_lens(params, config, b, lens)
-    dz = z_cf - z
-    poz = metrics.parallel_orthogonal(z, z_cf, dz)
-    return {"cos_z": metrics.cosine(z, z_cf),
-            "one_minus_cos_z": metrics.one_minus_cosine(z, z_cf, dz),
-            "par_z": poz["par"], "perp_z": poz["perp"], "rms_dz": metrics.rms_dz(z, z_cf),
-            "cos_p": metrics.cosine(metrics.probs(z, temperature),
-                                    metrics.probs(z_cf, temperature)),
-            "one_minus_cos_p": metrics.one_minus_cos_p(z, z_cf, temperature),
-            "cos_p_estimate": metrics.cos_p_estimate(z, z_cf, temperature),
-            "kl": metrics.kl(z, z_cf, temperature),
-            "kl_estimate": metrics.kl_estimate(z, z_cf, temperature),
-            "top1_agree": (jnp.argmax(z, -1) == jnp.argmax(z_cf, -1)).astype(jnp.float32)}
+    return metrics.compare_logits(z, z_cf, temperature)
 
   out.update(batching.map_chunks(logit_metrics, chunk, x, x_cf))
   return out
 
 
-@functools.partial(jax.jit, static_argnums=(2, 6, 7, 8))
+@functools.partial(jax.jit, static_argnums=(2, 6, 8))
 def _layerwise(params, pruned, config, tokens, mask, eval_idx, lens, temperature, chunk):
   """Returns two dicts (attention, MLP) of [L, B, P] per-position metrics."""
   ctx = M.prompt_context(config, mask)
