@@ -149,7 +149,8 @@ class Sampling:
 def sample(logits: Array, key: Array, sampling: Sampling = Sampling()) -> Array:
   """Draws one token per row from logits [B, V] -> [B] int32 (argmax when greedy)."""
   if sampling.greedy:
-    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    # top_k(., 1) is argmax with the same tie rule (lowest index), and XLA:CPU vectorises it
+    return jax.lax.top_k(logits, 1)[1][..., 0].astype(jnp.int32)
   z = logits.astype(jnp.float32) / sampling.temperature
   if sampling.top_k is not None:
     kth = jax.lax.top_k(z, sampling.top_k)[0][..., -1:]
