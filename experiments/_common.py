@@ -616,6 +616,7 @@ def console_logging(console: Console) -> None:
   std_logging.root.setLevel(min(std_logging.INFO, shown))
   std_logging.root.addHandler(_Keep(console))
   std_logging.captureWarnings(True)
+  absl_logging.info("%s started with %s", console.prog, " ".join(sys.argv[1:]) or "defaults")
 
 
 # ----------------------------------------------------------------------------- tables

@@ -65,10 +65,10 @@ def check_flags(argv) -> dict:
   _common.no_arguments(PROG, argv)
   from prunerep_jax import validate
 
-  lenses = _common.checked(validate.names, PROG, "--lens", tuple(FLAGS.lens), LENSES)
-  if not lenses or len(set(lenses)) != len(lenses):
-    raise _common.usage(f"{PROG}(--lens={','.join(FLAGS.lens)!r}): expected one or both of "
-                        f"{LENSES}, each once")
+  lenses = tuple(FLAGS.lens)
+  if not lenses or len(set(lenses)) != len(lenses) or not set(lenses) <= set(LENSES):
+    raise _common.usage(f"{PROG}(--lens={','.join(lenses)!r}): expected a comma-separated list "
+                        f"of one or both of {LENSES}, each once")
   temperature = _common.checked(validate.temperature, PROG, FLAGS.temperature, allow_zero=False,
                                 name="--temperature")
   decode_steps = _common.checked(validate.integer, PROG, "--decode_steps", FLAGS.decode_steps,

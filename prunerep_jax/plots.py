@@ -24,6 +24,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import textwrap
 from typing import Any, Callable, Optional
 
 import numpy as np
@@ -76,17 +77,19 @@ def _save(fn: str, fig: Figure, directory: Any, name: str, out_png: Optional[str
 
 def _figure(rows: int, cols: int, width: float, height: float, *, wspace: float = 0.22):
   """A figure with a grid of axes and fixed margins (a layout engine would triple the drawing
-  time for the same result at these fixed sizes); 0.8 inch on top for a two-line title."""
+  time for the same result at these fixed sizes); `_title` sets the top margin."""
   fig = Figure(figsize=(width, height), dpi=DPI)
-  fig.subplots_adjust(left=0.06, right=0.985, bottom=0.06, top=1 - 0.85 / height,
-                      wspace=wspace, hspace=0.38)
+  fig.subplots_adjust(left=0.06, right=0.985, bottom=0.06, wspace=wspace, hspace=0.38)
   return fig, fig.subplots(rows, cols, squeeze=False)
 
 
-def _title(first: str, *details: str) -> str:
-  """A figure title: `first`, then the non-empty details on a second line."""
-  rest = "; ".join(d for d in details if d)
-  return f"{first}\n{rest}" if rest else first
+def _title(fig: Figure, first: str, *details: str) -> None:
+  """The figure's title: `first`, then the non-empty details wrapped to the figure's width, with
+  the top margin sized to the lines."""
+  width = int(fig.get_figwidth() * 11)  # characters of an 11 pt line across the figure
+  lines = [first] + textwrap.wrap("; ".join(d for d in details if d), width)
+  fig.suptitle("\n".join(lines), fontsize=11, y=1 - 0.12 / fig.get_figheight())
+  fig.subplots_adjust(top=1 - (0.45 + 0.22 * len(lines)) / fig.get_figheight())
 
 
 def _describe(meta: dict) -> str:
@@ -216,15 +219,16 @@ def layerwise(directory: str, name: str = "layerwise", out_png: Optional[str] = 
   axes[2, 2].set_title("change of h: parallel / orthogonal part")
   for ax in axes.flat:
     ax.set_xlabel("layer")
+    ax.set_xlim(-0.6, L - 0.4)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
   where = (f"{meta['decode_steps']} decoding steps" if meta.get("decode_steps")
            else "prompt positions")
   note = f"; {unchanged} sublayers unchanged (1 - cos = 0, not drawn)" if unchanged else ""
-  fig.suptitle(_title("Layerwise counterfactual: one sublayer pruned at a time in the dense "
-                      "context", _describe(meta), f"lens={meta['lens']}, T={meta['temperature']}, "
-                      f"{where}, {meta['batch']} prompts{note}"), fontsize=11)
+  _title(fig, "Layerwise counterfactual: one sublayer pruned at a time in the dense context",
+         _describe(meta), f"lens={meta['lens']}, T={meta['temperature']}, {where}, "
+         f"{meta['batch']} prompts{note}")
   return _save(fn, fig, directory, name, out_png, overwrite)
 
 
@@ -290,10 +294,9 @@ def drift(directory: str, name: str = "drift", out_png: Optional[str] = None, *,
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
   sampling = "greedy" if not meta.get("temperature") else f"T={meta['temperature']}"
-  fig.suptitle(_title("Drift in generation, dense vs pruned, free-running vs teacher-forced",
-                      _describe(meta), f"{meta.get('prompts')} prompts, {meta.get('steps')} "
-                      f"steps, {sampling}", "mean over running prompts, band min..max"),
-               fontsize=11)
+  _title(fig, "Drift in generation, dense vs pruned, free-running vs teacher-forced",
+         _describe(meta), f"{meta.get('prompts')} prompts, {meta.get('steps')} steps, "
+         f"{sampling}", "mean over running prompts, band min..max")
   return _save(fn, fig, directory, name, out_png, overwrite)
 
 
@@ -330,9 +333,11 @@ def theorem(directory: str, name: str = "theorem_check", out_png: Optional[str] 
       est = _positive(a[f"{g}/{quantity}/estimate"])
       size = _positive(a[f"{g}/{quantity}/rms_dz"])
       ok = np.isfinite(real) & np.isfinite(est)
+      if not ok.any():  # e.g. MLP sublayers a drop of attention sublayers left unchanged
+        continue
       stat = next((r for r in rows if r["group"] == g and r["quantity"] == quantity), {})
       label = (f"{g}: r(log) {_fmt(stat.get('pearson_log'))}, median ratio "
-               f"{_fmt(stat.get('ratio_median'))}, n={int(ok.sum())}")
+               f"{_fmt(stat.get('ratio_median'))}, {int(ok.sum())} pairs > 1e-12")
       few = ok.sum() < 300  # few points: bigger and darker, many: small and light
       scatter.scatter(real[ok], est[ok], s=14 if few else 5, alpha=0.7 if few else 0.3, color=c,
                       label=label, linewidths=0)
@@ -367,9 +372,15 @@ def theorem(directory: str, name: str = "theorem_check", out_png: Optional[str] 
     if ax.get_legend_handles_labels()[0]:
       ax.legend(fontsize=8)
   source = result.meta.get("source", "?")
-  fig.suptitle(_title(f"Theorem check on a {source} result: KL ~ Var_p(dz)/2T^2, "
-                      "1 - cos p ~ Var_r(dz)/2T^2",
-                      _describe(result.meta.get("source_meta") or {})), fontsize=11)
+  sm = result.meta.get("source_meta") or {}
+  if source == "layerwise":
+    where = (f"lens={sm.get('lens')}, T={sm.get('temperature')}, "
+             + (f"{sm['decode_steps']} decoding steps" if sm.get("decode_steps")
+                else "prompt positions"))
+  else:
+    where = f"{sm.get('steps')} steps, T_a={sm.get('analysis_temperature')}"
+  _title(fig, f"Theorem check on a {source} result: KL ~ Var_p(dz)/2T^2, "
+         "1 - cos p ~ Var_r(dz)/2T^2", _describe(sm), where)
   return _save(fn, fig, directory, name, out_png, overwrite)
 
 
@@ -486,8 +497,8 @@ def option_subspace(directory: str, name: str = "option_subspace",
     ax.grid(True, alpha=0.3)
   axes[0, 0].legend(fontsize=8)
   axes[1, 0].legend(fontsize=8)
-  fig.suptitle(_title(f"Option subspace: {B} multiple-choice items, T={s.get('temperature')}",
-                      _describe(meta)), fontsize=11)
+  _title(fig, f"Option subspace: {B} multiple-choice items, T={s.get('temperature')}",
+         _describe(meta))
   return _save(fn, fig, directory, name, out_png, overwrite)
 
 
