@@ -141,6 +141,8 @@ def main(argv):
   result = _common.prune_model(PROG, console, model, checks["pruning"])
 
   done = {}
+  console.progress(f"layerwise: {len(checks['sets'])} sets ("
+                   + ", ".join(name for name, _, _ in checks["sets"]) + ")")
   report = console.units("layerwise", len(checks["sets"]))
   for i, (name, lens, steps) in enumerate(checks["sets"], 1):
     lw = analysis.layerwise(model.params, model.config, tokens, result, lens=lens,

@@ -1,7 +1,7 @@
 """Figures of the analyses, drawn from the files `Result.save` writes and from nothing else.
 
   layerwise(directory, name)        per layer, attention and MLP pruned alone: cos and 1 - cos in
-                                    h, z and p (mean line, min..max band over positions), KL and
+                                    h, z and p (mean, min..max bar over positions), KL and
                                     its estimate, lens top-1 survival, parallel vs orthogonal change
   drift(directory, name)            per decoding step, free-running vs teacher-forced: cos in h, z,
                                     p, KL, 1 - cos p with its estimate, token agreement (mean over
@@ -116,14 +116,20 @@ def _positive(x: np.ndarray) -> np.ndarray:
   return np.where(np.isfinite(x) & (x > _TINY), x, np.nan)
 
 
+def _log_floor(mean, lo, hi) -> tuple[np.ndarray, ...]:
+  """mean, lo, hi for a log axis: values <= _TINY are dropped, except a minimum at or below
+  _TINY (cos = 1 to float32 precision at some position) whose range has a drawable mean or
+  maximum: it is drawn down to _TINY, so the range is not cut at the mean."""
+  mean, lo_pos, hi = _positive(mean), _positive(lo), _positive(hi)
+  tiny_lo = np.isfinite(np.asarray(lo, np.float64)) & np.isnan(lo_pos) & np.isfinite(hi)
+  return mean, np.where(tiny_lo, _TINY, lo_pos), hi
+
+
 def _band(ax, x, mean, lo, hi, *, color: str, label: str, log: bool = False,
           linestyle: str = "-", marker: Optional[str] = "o") -> None:
   """A mean line with a shaded lo..hi band."""
   if log:
-    mean, lo, hi = _positive(mean), _positive(lo), _positive(hi)
-    shown = np.concatenate([lo, mean, hi])
-    if np.isfinite(shown).any():  # a band down to 0 reaches the bottom of the shown range
-      lo = np.where(np.isnan(lo) & np.isfinite(hi), np.nanmin(shown), lo)
+    mean, lo, hi = _log_floor(mean, lo, hi)
   ax.fill_between(x, lo, hi, color=color, alpha=0.18, linewidth=0)
   ax.plot(x, mean, color=color, linestyle=linestyle, marker=marker, markersize=3, label=label)
   if log and np.isfinite(mean).any():
@@ -135,8 +141,7 @@ def _whiskers(ax, x, mean, lo, hi, *, color: str, label: str, log: bool = False,
   """Per-layer means joined by a line, each with a vertical min..max bar (a shaded band would
   interpolate between neighbouring layers, which are separate measurements)."""
   if log:
-    mean, lo, hi = _positive(mean), _positive(lo), _positive(hi)
-    lo = np.where(np.isnan(lo), mean, lo)  # a minimum of exactly 0 cannot be drawn in log
+    mean, lo, hi = _log_floor(mean, lo, hi)
   x = np.asarray(x, np.float64) + offset
   ax.plot(x, mean, color=color, marker="o", markersize=3.5, linewidth=1.2, label=label)
   ok = np.isfinite(lo) & np.isfinite(hi)
@@ -164,7 +169,9 @@ def layerwise(directory: str, name: str = "layerwise", out_png: Optional[str] = 
   Rows: cos in h, z, p; 1 - cos on a log scale (cosines near 1 are unreadable otherwise; exact
   zeros, i.e. sublayers the pruning left unchanged, are not drawn); KL(p || p') with its Theorem 3
   estimate, the lens top-1 survival, and the parallel / orthogonal parts of the change in h. Each
-  curve is the mean over the analysed positions with its min..max band; attention and MLP apart.
+  point is the mean over the analysed positions with a min..max bar; attention and MLP side by
+  side. On log axes a minimum at or below 1e-12 (1 - cos = 0 to float32 precision at some
+  position) is drawn down to 1e-12.
 
   Returns:
     The path of the PNG written (default DIRECTORY/NAME.png).

@@ -1,4 +1,4 @@
-"""prunerep_jax.analysis.prompts: the built-in set, prompts from local files, left-padded batches."""
+"""prunerep_jax.analysis.prompts: the built-in set, prompts from local files, padded batches."""
 
 import json
 
