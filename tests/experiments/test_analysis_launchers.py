@@ -22,7 +22,7 @@ from _launch import decoy_model, error_line, launch, text_file
 sys.path.insert(0, str(Path(__file__).parents[1] / "tasks"))
 import _tiny_model as tiny  # noqa: E402  (the suites' tiny model and byte-level chat tokenizer)
 
-FAST_S = 30  # a refusal before loading: generous for a loaded 2-core machine
+FAST_S = 60  # a refusal before loading (the decoy proves it); generous for a busy machine
 ABSL_INFO = re.compile(r"^I\d{4} ", re.MULTILINE)  # absl's INFO prefix: I<mmdd> <time> ...
 MMLU = [{"question": f"Which number comes after {i}?", "answer_a": str(i + 1),
          "answer_b": str(i + 2), "answer_c": str(i + 3), "answer_d": str(i - 1),
