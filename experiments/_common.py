@@ -1,6 +1,8 @@
-"""What the absl launchers share: one-line errors, flag checks that run before any heavy work, and
-the --out discipline (a marker in every output directory, no overwrite without --overwrite, and
-nothing deleted that a launcher did not write).
+"""What the absl launchers share: one-line errors, flag checks that run before any heavy work, the
+pruning flags and "prune from flags", the --out discipline (a marker in every output directory, no
+overwrite without --overwrite, and nothing deleted that a launcher did not write), and the console
+(progress with timings on stderr, readable tables on stdout, third-party logs kept in the run's
+log file unless --verbosity asks for them on the console).
 
 Every refusal is one line on stderr and exit status 2, never a traceback: flag parsing errors
 (an unknown flag, --nsamples=abc), `app.UsageError` raised by a launcher's own checks, and the
@@ -9,13 +11,16 @@ ValueError / OSError the library raises for input it refuses while the run goes 
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging as std_logging
 import math
 import numbers
 import os
 import re
 import sys
-from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
+import time
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence
 
 from absl import app, flags
 
@@ -157,6 +162,252 @@ def source_flag(prog: str, name: str, value: Any) -> str:
   return value
 
 
+# ----------------------------------------------------------------------------- pruning flags
+
+PRUNE_METHODS = ("magnitude", "wanda", "sparsegpt", "neurons", "drop_sublayers", "drop_blocks")
+INTRA = ("magnitude", "wanda", "sparsegpt")
+DROPS = ("drop_sublayers", "drop_blocks")
+CALIBRATED = tuple(m for m in PRUNE_METHODS if m != "magnitude")
+# pruning flag -> the methods that read it; given explicitly to any other method it is refused.
+PRUNING_APPLIES = {
+    "sparsity": INTRA + ("neurons",),
+    "pattern": INTRA,
+    "include": INTRA,
+    "wanda_variant": ("wanda",),
+    "blocksize": ("sparsegpt",),
+    "percdamp": ("sparsegpt",),
+    "n": DROPS,
+    "kind": ("drop_sublayers",),
+    "iterative": ("drop_sublayers",),
+    "score": ("drop_sublayers",),
+    "consecutive": ("drop_blocks",),
+    "calibration": CALIBRATED,
+    "nsamples": CALIBRATED,
+    "seqlen": CALIBRATED,
+    "seed": CALIBRATED,
+    "batch_size": CALIBRATED,
+}
+DROP_LISTED = "drop_listed"  # the pruning an explicit --drop list describes
+DROP_KINDS = ("attn", "mlp")
+
+
+def define_pruning_flags(seed_help: str) -> None:
+  """Defines --method and every option of the pruning methods (one definition for all launchers);
+  a launcher calls it once at import and adopts them with `flags.adopt_module_key_flags(_common)`
+  so that --helpshort lists them."""
+  flags.DEFINE_enum("method", "wanda", list(PRUNE_METHODS), "Pruning method.")
+  flags.DEFINE_float("sparsity", 0.5, "Unstructured sparsity in [0, 1) (intra-layer methods; "
+                     "fraction of MLP channels for --method=neurons).")
+  flags.DEFINE_string("pattern", None, "N:M pattern such as 2:4 or 4:8, or a sparsity such as "
+                      "0.5 (magnitude, wanda, sparsegpt; give it or --sparsity, not both).")
+  flags.DEFINE_list("include", None, "fnmatch patterns over linears to prune, e.g. "
+                    "'mlp/*,attn/o_proj' (default: all seven linears of every block).")
+  flags.DEFINE_bool("wanda_variant", False, "Wanda's cumulative-threshold (alpha) variant "
+                    "(unstructured sparsity only).")
+  flags.DEFINE_integer("blocksize", 128, "SparseGPT: inputs per lazy-update block (a multiple of "
+                       "m for N:M).")
+  flags.DEFINE_float("percdamp", 0.01, "SparseGPT: damping as a fraction of mean(diag H), > 0.")
+  flags.DEFINE_integer("n", 4, "Drop methods: number of sublayers / blocks to drop, >= 0.")
+  flags.DEFINE_enum("kind", "attn", ["attn", "mlp", "joint"], "drop_sublayers: which sublayers.")
+  flags.DEFINE_bool("iterative", False, "drop_sublayers: drop one, re-score, repeat.")
+  flags.DEFINE_enum("score", "residual", ["residual", "no_norm"],
+                    "drop_sublayers: cos(X, X + F(norm X)) or cos(norm X, F(norm X)).")
+  flags.DEFINE_bool("consecutive", False, "drop_blocks: drop the best window of n blocks.")
+  flags.DEFINE_string("calibration", "wikipedia", "Calibration text: wikipedia, news, or a local "
+                      ".txt/.jsonl file or dataset directory.")
+  flags.DEFINE_integer("nsamples", 128, "Calibration windows, >= 1.")
+  flags.DEFINE_integer("seqlen", 512, "Tokens per calibration window, >= 2.")
+  flags.DEFINE_integer("seed", 0, seed_help)
+  flags.DEFINE_integer("batch_size", 8, "Calibration windows per jitted step, >= 1.")
+
+
+def define_drop_flag() -> None:
+  """Defines --drop, an explicit list of sublayers to drop instead of a --method."""
+  flags.DEFINE_list("drop", None, "Drop exactly these sublayers instead of pruning with --method: "
+                    "KIND:LAYER entries, KIND attn or mlp, e.g. attn:3,mlp:5 (no calibration, "
+                    "nothing scored; an empty list compares the dense model with itself).")
+
+
+def parse_drop(prog: str, entries: Sequence[str]) -> list[tuple[int, str]]:
+  """--drop's KIND:LAYER entries as (layer, kind) pairs; layers are checked against the model
+  once it is loaded (`check_pruning_against_config`)."""
+  shown = ",".join(entries)
+  pairs: list[tuple[int, str]] = []
+  for entry in entries:
+    kind, sep, layer = entry.strip().partition(":")
+    if not sep or kind not in DROP_KINDS or not re.fullmatch(r"\d+", layer.strip()):
+      raise usage(f"{prog}(--drop={shown!r}): entry {entry!r}: expected KIND:LAYER with KIND in "
+                  f"{DROP_KINDS} and LAYER an integer >= 0, e.g. attn:3,mlp:5")
+    pair = (int(layer), kind)
+    if pair in pairs:
+      raise usage(f"{prog}(--drop={shown!r}): entry {entry!r} is listed twice; expected each "
+                  "sublayer once")
+    pairs.append(pair)
+  return pairs
+
+
+def check_pruning(prog: str, applies: Mapping[str, Iterable[str]],
+                  drop: Optional[Sequence[str]] = None) -> dict:
+  """Checks the pruning flags without loading anything heavy.
+
+  Args:
+    applies: pruning flag -> the methods that read it (PRUNING_APPLIES, or a launcher's copy
+      without the flags it reads for every method).
+    drop: the value of --drop in launchers that define it (None: not given).
+
+  Returns:
+    {"method": the method (DROP_LISTED for --drop), "pattern": the Pattern of intra-layer methods
+     and neurons, "drop": [(layer, kind)] for --drop}.
+  """
+  if drop is not None:
+    if present("method"):
+      raise usage(f"{prog}: --method={FLAGS.method} and --drop both choose the pruning; give one "
+                  "of them")
+    for name in applies:
+      if present(name):
+        raise usage(f"{prog}: --{name} does not apply to --drop (an explicit list of sublayers: "
+                    "nothing is calibrated or scored); remove it")
+    return {"method": DROP_LISTED, "pattern": None, "drop": parse_drop(prog, drop)}
+
+  method = FLAGS.method
+  refuse_inapplicable(prog, method, applies)
+  # Imported after the checks above, which need no library: those refusals come at once.
+  from prunerep_jax import validate
+  from prunerep_jax.prune import linears, patterns
+
+  pattern = None
+  if method in INTRA + ("neurons",):
+    sparsity = checked(validate.number, prog, "--sparsity", FLAGS.sparsity, minimum=0.0,
+                       maximum=1.0, max_open=True)
+    pattern = patterns.Unstructured(sparsity)
+  if method in INTRA and FLAGS.pattern is not None:
+    if present("sparsity"):
+      raise usage(f"{prog}: --pattern={FLAGS.pattern!r} and --sparsity={FLAGS.sparsity} both set "
+                  "the sparsity; give one of them")
+    try:
+      pattern = patterns.parse_pattern(FLAGS.pattern)
+    except ValueError as e:
+      raise usage(f"{prog}(--pattern={FLAGS.pattern!r}): expected 'n:m' with integers "
+                  f"0 < n < m, or a sparsity in [0, 1) such as '0.5' ({e})") from None
+  if method in INTRA and FLAGS.include is not None:
+    if not FLAGS.include:
+      raise usage(f"{prog}(--include=''): expected fnmatch patterns such as 'mlp/*'")
+    for pat in FLAGS.include:  # each pattern on its own: one that matches nothing is a typo
+      checked(linears.select, (pat,), f"{prog}(--include)")
+  if method == "wanda" and FLAGS.wanda_variant and isinstance(pattern, patterns.NM):
+    raise usage(f"{prog}: --wanda_variant needs an unstructured sparsity, got "
+                f"--pattern={FLAGS.pattern}")
+  if method == "sparsegpt":
+    blocksize = checked(validate.integer, prog, "--blocksize", FLAGS.blocksize, minimum=1)
+    checked(validate.number, prog, "--percdamp", FLAGS.percdamp, minimum=0.0, min_open=True)
+    if isinstance(pattern, patterns.NM) and blocksize % pattern.m:
+      raise usage(f"{prog}(--blocksize={blocksize}): expected a multiple of m={pattern.m} of "
+                  f"--pattern={FLAGS.pattern} (N:M groups must not straddle blocks)")
+  if method in DROPS:
+    checked(validate.integer, prog, "--n", FLAGS.n, minimum=0)
+  if method in CALIBRATED:
+    checked(validate.integer, prog, "--nsamples", FLAGS.nsamples, minimum=1)
+    checked(validate.integer, prog, "--seqlen", FLAGS.seqlen, minimum=2)
+    checked(validate.integer, prog, "--batch_size", FLAGS.batch_size, minimum=1)
+    checked(validate.seed, prog, FLAGS.seed, name="--seed")
+    source_flag(prog, "--calibration", FLAGS.calibration)
+  return {"method": method, "pattern": pattern, "drop": None}
+
+
+def check_pruning_against_config(prog: str, config, pruning: dict) -> None:
+  """The pruning checks that need the model's config; they run before calibration and pruning."""
+  from prunerep_jax.prune import linears
+
+  method = pruning["method"]
+  L = config.num_layers
+  if method == DROP_LISTED:
+    for layer, kind in pruning["drop"]:
+      if layer >= L:
+        raise usage(f"{prog}(--drop={','.join(FLAGS.drop)!r}): entry '{kind}:{layer}': the model "
+                    f"has {L} layers; expected a layer in [0, {L - 1}]")
+    return
+  if method in INTRA:
+    chosen = linears.select(FLAGS.include, prog)
+    checked(linears.check_nm_divides, pruning["pattern"], config, chosen, f"{prog}(--pattern)")
+  if method in DROPS:
+    if method == "drop_blocks":
+      most, why = L - 1, f"the model has {L} blocks and at least one must remain"
+    else:
+      most = 2 * L if FLAGS.kind == "joint" else L
+      what = "attention and MLP" if FLAGS.kind == "joint" else FLAGS.kind
+      why = f"the model has {most} {what} sublayers"
+    if FLAGS.n > most:
+      raise usage(f"{prog}(--n={FLAGS.n}): expected at most {most}; {why}")
+
+
+def prune_kwargs(pruning: dict) -> dict:
+  """The keyword arguments of `pj.prune.<method>` that the flags describe (no calibration)."""
+  method, pattern = pruning["method"], pruning["pattern"]
+  if method in INTRA:
+    kw = {"pattern": pattern, "include": FLAGS.include}
+    if method == "wanda":
+      kw["use_variant"] = FLAGS.wanda_variant
+    if method == "sparsegpt":
+      kw.update(blocksize=FLAGS.blocksize, percdamp=FLAGS.percdamp)
+    return kw
+  if method == "neurons":
+    return {"sparsity": pattern.sparsity}
+  if method == "drop_sublayers":
+    return {"n": FLAGS.n, "kind": FLAGS.kind, "iterative": FLAGS.iterative, "score": FLAGS.score}
+  return {"n": FLAGS.n, "consecutive": FLAGS.consecutive}
+
+
+def prune_from_flags(prog: str, model, pruning: dict):
+  """Prunes `model` as the flags say (calibration text drawn first); returns the PruneResult.
+
+  Calibration text the tokenizer cannot cut into --nsamples windows of --seqlen tokens is refused
+  as a flag error, before any pruning.
+  """
+  import prunerep_jax as pj
+
+  method = pruning["method"]
+  if method == DROP_LISTED:
+    from prunerep_jax.prune.drop import drop_listed
+    return drop_listed(model.params, model.config, pruning["drop"])
+  kwargs = prune_kwargs(pruning)
+  if method in CALIBRATED:
+    if model.tokenizer is None:
+      raise usage(f"{prog}(--model={FLAGS.model!r}): the model has no tokenizer; the "
+                  "calibration text cannot be encoded")
+    try:
+      kwargs["calibration"] = pj.prune.calibration(
+          model.tokenizer, FLAGS.calibration, nsamples=FLAGS.nsamples, seqlen=FLAGS.seqlen,
+          seed=FLAGS.seed)
+    except ValueError as e:
+      raise usage(f"{prog}(--calibration={FLAGS.calibration!r}, --seqlen={FLAGS.seqlen}): "
+                  f"{e}") from None
+    kwargs["batch_size"] = FLAGS.batch_size
+  return pj.prune.get(method)(model.params, model.config, **kwargs)
+
+
+def describe_pruning(report: Mapping[str, Any]) -> dict:
+  """What was pruned, for a result's metadata and the console: the report without its tables."""
+  keep = ("method", "pattern", "sparsity", "kind", "n", "iterative", "score", "consecutive",
+          "variant", "include", "dropped", "calibration")
+  return {k: jsonable(report[k]) for k in keep if k in report and report[k] is not None}
+
+
+def pruning_line(report: Mapping[str, Any]) -> str:
+  """One readable line naming the pruning: method, its settings, what it dropped."""
+  d = describe_pruning(report)
+  keys = [k for k in ("kind", "n", "sparsity", "pattern", "variant", "score") if k in d]
+  text = d.get("method", "?") + "".join(f" {k}={d[k]}" for k in keys)
+  if d.get("iterative"):
+    text += " iterative"
+  if d.get("dropped"):
+    text += "; dropped " + ", ".join(f"{x['sublayer']} {x['layer']}" for x in d["dropped"])
+  calib = d.get("calibration")
+  if isinstance(calib, dict) and calib.get("nsamples"):
+    text += (f"; calibration {calib.get('source', '?')} {calib['nsamples']} x "
+             f"{calib.get('seqlen', '?')} tokens")
+  return text
+
+
 # ----------------------------------------------------------------------------- --out
 
 def _inside(path: str, root: str) -> bool:
@@ -177,7 +428,8 @@ def read_marker(directory: str) -> Optional[dict]:
 
 
 def check_out(prog: str, value: Any, *, overwrite: bool, outputs: Sequence[str],
-              owned: Sequence[str], model_path: Optional[str], name: str = "--out") -> str:
+              owned: Sequence[str], model_path: Optional[str],
+              directories: Sequence[str] = (), name: str = "--out") -> str:
   """Checks before any work that the run may write `outputs` into the directory --out.
 
   --out may be missing (its nearest existing ancestor must be a writable directory) or an empty
@@ -190,6 +442,7 @@ def check_out(prog: str, value: Any, *, overwrite: bool, outputs: Sequence[str],
     outputs: entry names this run writes (the marker included).
     owned: every entry name this launcher ever writes into --out.
     model_path: the input model's real path, or None; it may not overlap --out.
+    directories: the entries of `outputs` that are directories (the others are files).
 
   Returns:
     The absolute path of --out.
@@ -232,7 +485,7 @@ def check_out(prog: str, value: Any, *, overwrite: bool, outputs: Sequence[str],
     raise usage(f"{prog}({name}={value!r}): the directory is not writable")
   for entry in outputs:
     checked(atomic.check_destination, os.path.join(out, entry), overwrite=True, caller=prog,
-            name=name, want_dir=not entry.endswith(".json"))
+            name=name, want_dir=entry in directories)
   return out
 
 
@@ -269,3 +522,296 @@ def jsonable(value: Any) -> Any:
     value = float(value)
     return value if math.isfinite(value) else str(value)
   return str(value)
+
+
+def flag_settings(module: Any) -> dict:
+  """name -> value of the flags `module` defines or adopted (for the marker)."""
+  return {f.name: f.value for f in FLAGS.get_key_flags_for_module(module)}
+
+
+# ----------------------------------------------------------------------------- console and log
+
+class Console:
+  """What a launcher tells people, and its run log.
+
+  Progress goes to stderr, one line per step with the time since the start; results (tables) go
+  to stdout. Both, and every log record at INFO and above (the library's and third-party ones,
+  such as orbax's), are kept in order for the run's log file (`text()`). On the console log
+  records show at WARNING and above, or at the level --verbosity asks for.
+  """
+
+  def __init__(self, prog: str):
+    self.prog = prog
+    self.start = time.perf_counter()
+    self.lines: list[str] = []
+
+  def elapsed(self) -> float:
+    return time.perf_counter() - self.start
+
+  def progress(self, text: str) -> None:
+    line = f"[{self.elapsed():7.1f} s] {text}"
+    self.lines.append(line)
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+  def show(self, text: str = "") -> None:
+    self.lines.extend(text.split("\n"))
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+  @contextlib.contextmanager
+  def stage(self, label: str) -> Iterator[None]:
+    """Progress lines at the start and the end of a step, with its duration."""
+    self.progress(f"{label} ...")
+    t0 = time.perf_counter()
+    yield
+    self.progress(f"{label}: done in {time.perf_counter() - t0:.1f} s")
+
+  def units(self, label: str, total: int) -> Callable[[int, str], None]:
+    """A reporter for a loop of `total` similar units: call it with (done, what) after each; it
+    prints done/total, the time so far and an ETA from the mean time per unit (the first unit
+    also compiles, so early ETAs are pessimistic)."""
+    t0 = time.perf_counter()
+
+    def report(done: int, what: str) -> None:
+      spent = time.perf_counter() - t0
+      eta = spent / done * (total - done)
+      self.progress(f"{label} {done}/{total} ({what}) in {spent:.1f} s; "
+                    + (f"ETA {eta:.0f} s" if done < total else "all done"))
+
+    return report
+
+  def text(self) -> str:
+    return "\n".join(self.lines) + "\n"
+
+
+class _Keep(std_logging.Handler):
+  """Appends every record it receives, formatted as absl does, to a Console's lines."""
+
+  def __init__(self, console: Console):
+    super().__init__()
+    self.console = console
+    from absl import logging as absl_logging
+    self.setFormatter(absl_logging.PythonFormatter())
+
+  def emit(self, record: std_logging.LogRecord) -> None:
+    try:
+      self.console.lines.append(self.format(record))
+    except Exception:  # a log record must never end the run
+      self.handleError(record)
+
+
+def console_logging(console: Console) -> None:
+  """Routes log records: every record at INFO and above into the console's log; on the console
+  only WARNING and above, unless --verbosity was given (then the level it names, e.g.
+  --verbosity=0 for INFO, 1 for DEBUG). Python warnings become log records too."""
+  from absl import logging as absl_logging
+
+  if present("verbosity"):
+    v = FLAGS.verbosity
+    shown = std_logging.DEBUG - (v - 1) if v > 1 else absl_logging.converter.absl_to_standard(v)
+  else:
+    shown = std_logging.WARNING
+  absl_logging.get_absl_handler().setLevel(shown)
+  std_logging.root.setLevel(min(std_logging.INFO, shown))
+  std_logging.root.addHandler(_Keep(console))
+  std_logging.captureWarnings(True)
+  absl_logging.info("%s started with %s", console.prog, " ".join(sys.argv[1:]) or "defaults")
+
+
+# ----------------------------------------------------------------------------- tables
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+  """A plain-text table: columns padded to their widest cell, text left- and numbers
+  right-aligned, a rule under the header."""
+  cells = [[str(h) for h in headers]] + [[_cell(v) for v in row] for row in rows]
+  widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+  numeric = [all(isinstance(row[i], numbers.Number) or row[i] is None for row in rows)
+             for i in range(len(headers))]
+
+  def line(row):
+    return "  ".join(c.rjust(w) if n else c.ljust(w)
+                     for c, w, n in zip(row, widths, numeric)).rstrip()
+
+  return "\n".join([line(cells[0]), "  ".join("-" * w for w in widths)]
+                   + [line(r) for r in cells[1:]])
+
+
+def _cell(value: Any) -> str:
+  if value is None:
+    return "-"
+  if isinstance(value, bool):
+    return "yes" if value else "no"
+  if isinstance(value, numbers.Integral):
+    return str(value)
+  if isinstance(value, numbers.Real):
+    value = float(value)
+    if not math.isfinite(value):
+      return str(value)
+    return f"{value:.4f}" if value == 0 or 1e-3 <= abs(value) < 1e4 else f"{value:.2e}"
+  return str(value)
+
+
+def span(stats: Mapping[str, Any], fmt: str = "{:.2e}") -> str:
+  """'mean [min, max]' of a summary record (None entries as '-')."""
+  def f(x):
+    return "-" if x is None else fmt.format(x)
+  return f"{f(stats.get('mean'))} [{f(stats.get('min'))}, {f(stats.get('max'))}]"
+
+
+def theorem_summary(theorem) -> str:
+  """The overall rows of a theorem_check result as a table (the per-size rows are in its CSV)."""
+  rows = [[r["group"], r["quantity"], r["n"], r["pearson"], r["pearson_log"], r["ratio_mean"],
+           r["ratio_median"]] for r in theorem.table("summary") if "@" not in r["quantity"]]
+  return ("theorem check: second-order estimate vs exact value\n"
+          + table(["group", "quantity", "n", "pearson", "pearson (log)", "ratio mean",
+                   "ratio median"], rows))
+
+
+# ----------------------------------------------------------------------------- writing a run
+
+def write_run(prog: str, console: Console, checks: Mapping[str, Any], *, overwrite: bool,
+              owned: Sequence[str], settings: Mapping[str, Any],
+              write: Callable[[str], None], log_name: str = "log.txt") -> str:
+  """Writes a run's outputs into --out: the marker first (status "writing", so an interrupted run
+  still marks the directory as ours), then `write(out)` (results and figures, each atomic), the
+  console log, and the marker again, status "complete".
+
+  Args:
+    checks: {"out", "outputs", "model_path", "directories"} from the launcher's flag checks.
+  """
+  from prunerep_jax import atomic
+
+  # Checked again: the directory may have changed while the model was pruned and analysed.
+  out = check_out(prog, checks["out"], overwrite=overwrite, outputs=checks["outputs"],
+                  owned=owned, model_path=checks["model_path"],
+                  directories=checks.get("directories", ()))
+  outputs = checks["outputs"]
+  write_marker(prog, out, status="writing", outputs=outputs, settings=settings)
+  write(out)
+  console.progress(f"wrote {out}")
+  atomic.write_text(os.path.join(out, log_name), console.text(), overwrite=True, caller=prog,
+                    name="--out")
+  write_marker(prog, out, status="complete", outputs=outputs, settings=settings)
+  return out
+
+
+# ----------------------------------------------------------------------------- analysis launchers
+
+# The analysis launchers read --seed for every pruning (calibration) and for their own sampling.
+ANALYSIS_APPLIES = {k: v for k, v in PRUNING_APPLIES.items() if k != "seed"}
+LOG = "log.txt"
+
+
+def define_analysis_flags(seed_use: str) -> None:
+  """The flags every analysis launcher shares: --model, the pruning (--method and its options, or
+  --drop), --seed, --out and --overwrite."""
+  flags.DEFINE_string("model", "smollm2-135m-instruct",
+                      "Registered model name, local Hugging Face directory, or .gguf file.")
+  define_pruning_flags(f"Seed in [0, 2**32): calibration sampling and {seed_use}.")
+  define_drop_flag()
+  flags.DEFINE_string("out", None, "Directory for the results (JSON, CSV, NPZ), their figures "
+                      "(PNG), log.txt and run.json; required; must be new or empty unless "
+                      "--overwrite.")
+  flags.DEFINE_bool("overwrite", False, "Replace the outputs of an earlier run of this launcher "
+                    "in --out (only those; a directory without its run.json is never "
+                    "overwritten).")
+
+
+def define_prompt_flags() -> None:
+  flags.DEFINE_string("prompts", None, "Prompts: a local .txt file (one per line) or .jsonl / "
+                      ".json file (records with a 'prompt' or 'text' field); default the "
+                      "built-in set of 8 varied chat prompts.")
+  flags.DEFINE_integer("num_prompts", None, "Use the first N prompts, >= 1 (default all).")
+
+
+def check_prompt_flags(prog: str) -> None:
+  from prunerep_jax import validate
+  from prunerep_jax.analysis import prompts
+
+  if FLAGS.prompts is not None:
+    checked(prompts.check_source, prog, "--prompts", FLAGS.prompts)
+  if FLAGS.num_prompts is not None:
+    checked(validate.integer, prog, "--num_prompts", FLAGS.num_prompts, minimum=1)
+
+
+def check_analysis_flags(prog: str, *, outputs: Sequence[str], owned: Sequence[str]) -> dict:
+  """The shared pre-load checks of an analysis launcher (after its own).
+
+  Returns:
+    {"pruning", "model_path", "out", "outputs"}.
+  """
+  from prunerep_jax import validate
+
+  pruning = check_pruning(prog, ANALYSIS_APPLIES, FLAGS.drop)
+  checked(validate.seed, prog, FLAGS.seed, name="--seed")
+  model_path = model_flag(prog, FLAGS.model)
+  if FLAGS.out is None:
+    raise usage(f"{prog}: --out is required: the directory the results, figures and log are "
+                "written to")
+  out = check_out(prog, FLAGS.out, overwrite=FLAGS.overwrite, outputs=outputs, owned=owned,
+                  model_path=model_path)
+  return {"pruning": pruning, "model_path": model_path, "out": out, "outputs": tuple(outputs)}
+
+
+def result_files(name: str) -> tuple[str, ...]:
+  """The entries `Result.save(out, name)` and its figure write."""
+  return tuple(f"{name}.{ext}" for ext in ("json", "csv", "npz", "png"))
+
+
+def load_model(prog: str, console: Console, checks: Mapping[str, Any]):
+  """Loads --model (a progress stage) and runs the pruning checks that need its config."""
+  import prunerep_jax as pj
+
+  with console.stage(f"loading {FLAGS.model}"):
+    model = pj.load(FLAGS.model)
+  c = model.config
+  console.progress(f"model: {c.num_layers} layers, hidden {c.hidden_size}, vocab {c.vocab_size}, "
+                   f"context {c.max_position_embeddings}")
+  check_pruning_against_config(prog, model.config, checks["pruning"])
+  if model.tokenizer is None:
+    raise usage(f"{prog}(--model={FLAGS.model!r}): the model has no tokenizer; prompts cannot "
+                "be encoded")
+  return model
+
+
+def prompt_batch(prog: str, model, room: int, room_flag: str):
+  """The --prompts as one left-padded batch, checked to leave `room` positions in the context.
+
+  Returns:
+    (texts [B], tokens int32 [B, T], mask int32 [B, T]).
+  """
+  from prunerep_jax.analysis import prompts
+  from prunerep_jax.tasks import _suite
+
+  try:
+    texts = prompts.load(FLAGS.prompts, FLAGS.num_prompts)
+  except ValueError as e:
+    raise usage(f"{prog}(--prompts={FLAGS.prompts!r}): {e}") from None
+  tokens, mask = prompts.encode(model.tokenizer, texts, _suite.pad_id_of(model.tokenizer,
+                                                                           model.config))
+  context = model.config.max_position_embeddings
+  if tokens.shape[1] + room > context:
+    raise usage(f"{prog}({room_flag}={room}): the longest prompt has {tokens.shape[1]} tokens and "
+                f"the model's context window is {context}; expected at most "
+                f"{max(context - tokens.shape[1], 0)}")
+  return texts, tokens, mask
+
+
+def prune_model(prog: str, console: Console, model, pruning: dict):
+  """The pruning the flags describe, as a progress stage; returns the PruneResult."""
+  label = ("--drop=" + ",".join(FLAGS.drop) if pruning["method"] == DROP_LISTED
+           else f"--method={pruning['method']}")
+  with console.stage(f"pruning ({label})"):
+    result = prune_from_flags(prog, model, pruning)
+  console.progress(f"pruned: {pruning_line(result.report)}")
+  return result
+
+
+def annotate(result, report: Mapping[str, Any]):
+  """`result` with the model and the pruning recorded in its metadata (for figures and readers)."""
+  import dataclasses
+
+  meta = dict(result.meta, model=FLAGS.model)
+  meta.setdefault("pruned", describe_pruning(report))
+  return dataclasses.replace(result, meta=meta)

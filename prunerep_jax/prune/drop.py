@@ -198,6 +198,54 @@ def drop_sublayers(params, config: Config, n: int, *, kind: str = "attn", calibr
   return PruneResult(current if n else params, None, report, config)
 
 
+def drop_listed(params, config: Config, sublayers) -> PruneResult:
+  """Drops exactly the listed sublayers (no calibration, no scoring).
+
+  For controlled experiments ("what does dropping attention 3 and MLP 5 do?") and for reproducing
+  a drop chosen elsewhere. The dropped sublayers pass the residual stream through unchanged, as in
+  `drop_sublayers`.
+
+  Args:
+    params, config: the dense model (not modified).
+    sublayers: (layer, kind) pairs, layer in [0, num_layers), kind "attn" or "mlp", no repeats;
+      an empty list returns the params bit-identical.
+
+  Returns:
+    PruneResult with masks None; report as `drop_sublayers`'s: method "drop_listed", kind ("attn",
+    "mlp", "joint" when both occur, None for an empty list), n, calibration None, importance {}
+    (nothing was scored), dropped [{"layer", "sublayer"}] in the given order, timings.
+  """
+  t0 = time.perf_counter()
+  method = "drop_listed"
+  validate.params(method, params, config, finite=True)
+  L = config.num_layers
+  if isinstance(sublayers, (str, bytes, dict)):
+    raise validate.fail(method, "sublayers", sublayers, "a list of (layer, kind) pairs such as "
+                        "[(3, 'attn'), (5, 'mlp')]", error=TypeError)
+  try:
+    items = list(sublayers)
+  except TypeError:
+    raise validate.fail(method, "sublayers", sublayers, "a list of (layer, kind) pairs such as "
+                        "[(3, 'attn'), (5, 'mlp')]", error=TypeError) from None
+  dropped: list[tuple[int, str]] = []
+  for i, item in enumerate(items):
+    if not isinstance(item, (tuple, list)) or len(item) != 2:
+      raise validate.fail(method, f"sublayers[{i}]", item, "a (layer, kind) pair")
+    layer = validate.integer(method, f"sublayers[{i}][0]", item[0], minimum=0, maximum=L - 1,
+                             expected=f"a layer index in [0, {L})")
+    kind = validate.choice(method, f"sublayers[{i}][1]", item[1], tuple(_OUT_PROJ))
+    if (layer, kind) in dropped:
+      raise validate.fail(method, f"sublayers[{i}]", item, "each sublayer listed once")
+    dropped.append((layer, kind))
+  kinds = sorted({k for _, k in dropped})
+  kind = "joint" if len(kinds) == 2 else (kinds[0] if kinds else None)
+  report = {"method": method, "kind": kind,
+            "n": len(dropped), "calibration": None, "importance": {},
+            "dropped": [{"layer": l, "sublayer": k} for l, k in dropped],
+            "timings": {"total_s": time.perf_counter() - t0}}
+  return PruneResult(zero_sublayers(params, dropped) if dropped else params, None, report, config)
+
+
 def remove_blocks(params, config: Config, blocks) -> tuple[dict, Config]:
   """Params and config without the given block indices (layer stack shortened)."""
   keep = np.array([l for l in range(config.num_layers) if l not in set(blocks)], np.int32)
