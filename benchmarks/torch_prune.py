@@ -27,7 +27,6 @@ import time
 from typing import Optional
 
 from absl import logging
-import numpy as np
 import torch
 from torch import nn
 

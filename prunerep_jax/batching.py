@@ -9,7 +9,7 @@ padding never reaches a result (callers multiply per-row sums by the weight, or 
 
 from __future__ import annotations
 
-from typing import Iterator, NamedTuple
+from typing import Iterator, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -77,3 +77,53 @@ def map_chunks(fn, chunk: int, *xs):
 
   out = jax.lax.map(lambda args: fn(*args), tuple(to_chunks(x) for x in xs))
   return jax.tree_util.tree_map(from_chunks, out)
+
+
+class TokenBatch(NamedTuple):
+  """rows: [R] indices (into the caller's list) of the R <= B real rows, in the batch's first R
+  rows; tokens, mask: int32 [B, T], left-padded; rows R..B-1 are dummies."""
+
+  rows: np.ndarray
+  tokens: np.ndarray
+  mask: np.ndarray
+
+
+def bucket_length(n: int) -> int:
+  """The smallest of 16, 24, 32, 48, 64, 96, ... (2^k and 1.5 * 2^k) that is >= n."""
+  size = 16
+  while True:
+    for candidate in (size, size * 3 // 2):
+      if candidate >= n:
+        return candidate
+    size *= 2
+
+
+def token_batches(rows: Sequence[Sequence[int]], batch_size: int, pad_id: int,
+                  max_length: Optional[int] = None) -> Iterator[TokenBatch]:
+  """Fixed-size, left-padded, length-bucketed batches of variable-length token rows.
+
+  Rows are sorted longest first and each batch is left-padded to a length bucket (16, 24, 32,
+  48, 64, 96, ...: at most a third of padding), so a loop compiles one program per bucket; the
+  last batch is filled with dummy rows (one real pad token each, so no row attends to nothing).
+
+  Args:
+    rows: token id sequences, each non-empty.
+    batch_size: B (at most the number of rows is used, so one row never compiles a big batch).
+    pad_id: the id written on padding (masked out; any valid id).
+    max_length: bucket lengths are capped here (e.g. the room left before the context limit).
+  """
+  lengths = np.asarray([len(r) for r in rows])
+  B = min(batch_size, len(rows))
+  order = np.argsort(-lengths, kind="stable")
+  for start in range(0, len(rows), B):
+    idx = order[start:start + B]
+    T = bucket_length(int(lengths[idx].max()))
+    if max_length is not None:
+      T = max(min(T, max_length), int(lengths[idx].max()))
+    tokens = np.full((B, T), pad_id, np.int32)
+    mask = np.zeros((B, T), np.int32)
+    for b, i in enumerate(idx):
+      tokens[b, T - lengths[i]:] = rows[i]
+      mask[b, T - lengths[i]:] = 1
+    mask[len(idx):, -1] = 1  # dummy rows: one real (pad) token, so no row attends to nothing
+    yield TokenBatch(np.asarray(idx), tokens, mask)

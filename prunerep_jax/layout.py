@@ -28,7 +28,6 @@ from typing import Any
 import jax
 import numpy as np
 
-from prunerep_jax import validate
 from prunerep_jax.config import Config
 
 # The linear layers inside a decoder block, by (sublayer, name): what intra-layer pruning touches.

@@ -53,7 +53,7 @@ import os
 import re
 import shutil
 import time
-from typing import Any, Optional
+from typing import Optional
 
 from absl import logging
 import jax

@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import jax
 import jax.numpy as jnp

@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from prunerep_jax import batching, metrics, validate
+from prunerep_jax import progress as progress_lib
 from prunerep_jax import model as M
 from prunerep_jax.analysis.lens import LENSES, logit_lens
 from prunerep_jax.analysis.results import Result, summarize
@@ -125,7 +126,8 @@ def _layerwise(params, pruned, config, tokens, mask, eval_idx, lens, temperature
 
 def layerwise(params, config: Config, tokens, pruned, *, lens: str = "final_norm",
               temperature: float = 1.0, decode_steps: int = 0, attention_mask=None,
-              batch_size: Optional[int] = None) -> Result:
+              batch_size: Optional[int] = None,
+              progress: progress_lib.Progress = None) -> Result:
   """The paper's layerwise figure: every sublayer pruned alone, in the dense context.
 
   Args:
@@ -140,6 +142,7 @@ def layerwise(params, config: Config, tokens, pruned, *, lens: str = "final_norm
       tokens greedily and analyse the n decoding positions (up to each row's EOS).
     attention_mask: [B, T] 0/1, 1 = real token (default all real).
     batch_size: rows per jitted pass (default: all B at once).
+    progress: optional callable receiving one line per batch (None: absl INFO logging).
 
   Returns:
     Result(kind="layerwise"): arrays[name] [L, 2, B, P] for every name of POSITION_METRICS (axis 1:
@@ -151,6 +154,7 @@ def layerwise(params, config: Config, tokens, pruned, *, lens: str = "final_norm
   lens = validate.choice(fn, "lens", lens, LENSES)
   temperature = validate.temperature(fn, temperature, allow_zero=False)
   decode_steps = validate.integer(fn, "decode_steps", decode_steps, minimum=0)
+  progress_lib.check_progress(fn, progress)
   pparams = pruned_params_of(pruned, config, fn)
   tokens = validate.tokens(fn, tokens, config.vocab_size)
   mask = validate.mask(fn, "attention_mask", attention_mask, tokens.shape)
@@ -173,12 +177,14 @@ def layerwise(params, config: Config, tokens, pruned, *, lens: str = "final_norm
   P = eval_idx.shape[1]
   chunk = batching.chunk_size(batching.batch_size_for(B, batch_size), P, config.vocab_size)
   parts = []
+  report = progress_lib.Reporter("layerwise", B, "rows", progress)
   for b in batching.batches(B, batch_size):
     attn, mlp = _layerwise(params, pparams, config, jnp.asarray(tokens[b.rows]),
                            jnp.asarray(mask[b.rows]), jnp.asarray(eval_idx[b.rows]), lens,
                            temperature, chunk)
     parts.append({k: np.stack([np.asarray(attn[k]), np.asarray(mlp[k])], axis=1)[:, :, :b.real]
                   for k in POSITION_METRICS})
+    report(int(b.rows[b.real - 1]) + 1)
   arrays = {k: np.concatenate([p[k] for p in parts], axis=2) for k in POSITION_METRICS}
   arrays["valid"] = valid
   arrays["positions"] = np.asarray(eval_idx)

@@ -18,13 +18,14 @@ Shape letters: B items, T prompt positions, K options, V vocab.
 from __future__ import annotations
 
 import functools
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from prunerep_jax import batching, metrics, validate
+from prunerep_jax import progress as progress_lib
 from prunerep_jax import model as M
 from prunerep_jax.analysis.results import Result, summarize
 from prunerep_jax.config import Config
@@ -64,7 +65,8 @@ def option_subspace(dense_params, pruned_params, config: Config, prompt_tokens, 
                     answers=None, prompt_mask=None, pruned_config: Optional[Config] = None,
                     temperature: float = 1.0, batch_size: int = 8,
                     option_labels: Optional[Sequence[str]] = None,
-                    tokenizer: Any = None) -> Result:
+                    tokenizer: Any = None, progress: Optional[Callable[[str], Any]] = None
+                    ) -> Result:
   """The paper's categorical-token figure, over many multiple-choice items.
 
   Args:
@@ -78,6 +80,7 @@ def option_subspace(dense_params, pruned_params, config: Config, prompt_tokens, 
     batch_size: items per jitted forward (the last batch is padded).
     option_labels: names of the options for the tables (default "0", "1", ...).
     tokenizer: optional; records the top tokens as text.
+    progress: optional callable receiving one line per batch (None: absl INFO logging).
 
   Returns:
     Result(kind="option_subspace"): per-item arrays (see `_items`), tables "summary" (rates and
@@ -103,15 +106,24 @@ def option_subspace(dense_params, pruned_params, config: Config, prompt_tokens, 
     if answers.size != B:
       raise validate.fail(fn, "answers", answers, f"{B} answers, one per prompt")
   batch_size = validate.integer(fn, "batch_size", batch_size, minimum=1)
+  progress_lib.check_progress(fn, progress)
   labels = [str(i) for i in range(K)] if option_labels is None else [str(x) for x in option_labels]
   if len(labels) != K:
     raise validate.fail(fn, "option_labels", option_labels, f"{K} labels, one per option id")
-  parts = []
-  for b in batching.batches(B, batch_size):
-    out = _items(dense_params, pruned_params, config, pconfig, jnp.asarray(tokens[b.rows]),
-                 jnp.asarray(mask[b.rows]), jnp.asarray(ids), temperature)
-    parts.append({k: np.asarray(v)[:b.real] for k, v in out.items()})
-  arrays = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+  # Prompts of very different lengths (MMLU: 80 to 600 tokens) are batched by length bucket, so a
+  # batch is padded only to its own longest prompt's bucket.
+  rows = [tokens[i][mask[i] != 0] for i in range(B)]
+  pad = int(tokens[0][0])
+  parts, order = [], []
+  report = progress_lib.Reporter("option_subspace", B, "items", progress)
+  for b in batching.token_batches(rows, batch_size, pad, config.max_position_embeddings):
+    out = _items(dense_params, pruned_params, config, pconfig, jnp.asarray(b.tokens),
+                 jnp.asarray(b.mask), jnp.asarray(ids), temperature)
+    parts.append({k: np.asarray(v)[:len(b.rows)] for k, v in out.items()})
+    order.append(b.rows)
+    report(sum(len(o) for o in order))
+  inverse = np.argsort(np.concatenate(order), kind="stable")
+  arrays = {k: np.concatenate([p[k] for p in parts])[inverse] for k in parts[0]}
   arrays["option_ids"] = ids
   if answers is not None:
     arrays["answers"] = answers
@@ -164,3 +176,4 @@ def _flat(d: dict, prefix: str = "") -> dict:
     else:
       out[f"{prefix}{k}"] = v
   return out
+

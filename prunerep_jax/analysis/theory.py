@@ -4,7 +4,8 @@ Theorem 3 (KL(p || p') ~= Var_p(dz) / 2T^2) and Theorem 2 (1 - cos(p, p') ~= Var
 are second-order expansions in dz. Given pairs (real, estimate) gathered over sublayers, prompts
 and steps (from a layerwise or drift `Result`), `theorem_check` reports their Pearson correlation
 (on the values and on their logarithms), the mean and median ratio estimate / real, and the same
-per bin of the size of the change (RMS of dz over the vocabulary, in decades), which shows where
+per bin of the size of the change (pairs where both are exactly 0, i.e. sublayers the pruning
+left untouched, are left out) (RMS of dz over the vocabulary, in decades), which shows where
 the expansion breaks down.
 """
 
@@ -23,7 +24,9 @@ _FLOOR = 1e-12  # below this a float32 value is noise; such pairs are left out o
 def compare(real: np.ndarray, estimate: np.ndarray, size: Optional[np.ndarray] = None) -> dict:
   """Correlation and ratios of estimate vs real over finite pairs; by decade of `size` if given."""
   real, estimate = np.asarray(real, np.float64).ravel(), np.asarray(estimate, np.float64).ravel()
-  ok = np.isfinite(real) & np.isfinite(estimate)
+  # Pairs that are both exactly 0 (a sublayer the pruning left untouched) say nothing about the
+  # expansion and would only dilute the statistics.
+  ok = np.isfinite(real) & np.isfinite(estimate) & ((real != 0) | (estimate != 0))
   out = _stats(real[ok], estimate[ok])
   if size is not None:
     size = np.asarray(size, np.float64).ravel()[ok]

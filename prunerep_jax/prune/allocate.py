@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import numbers
 import time
 from typing import Optional, Sequence, Union
 

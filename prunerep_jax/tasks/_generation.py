@@ -1,6 +1,6 @@
 """Greedy generation for the generative suites, and their fidelity-to-dense metrics.
 
-Generation: prompts are batched by `_suite.batches` (fixed B, left-padded, length buckets) and
+Generation: prompts are batched by `batching.token_batches` (fixed B, left-padded, length buckets) and
 decoded greedily by `prunerep_jax.generate` for a fixed number of steps; a row stops at its first
 EOS. What comes back per prompt is its *valid* tokens: everything generated up to and including
 the EOS (the EOS is kept: stopping is a decision the pruned model can get wrong too).
@@ -28,6 +28,8 @@ from typing import Any, Optional
 
 import numpy as np
 
+from prunerep_jax import progress as progress_lib
+from prunerep_jax import batching
 from prunerep_jax import decode
 from prunerep_jax.config import Config
 from prunerep_jax.tasks import _suite
@@ -101,7 +103,7 @@ def eos_ids(tokenizer, config: Config) -> tuple[int, ...]:
 
 def generate(params, config: Config, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
              batch_size: int, eos: tuple[int, ...], pad_id: int,
-             reporter: _suite.Reporter) -> list[list[int]]:
+             reporter: progress_lib.Reporter) -> list[list[int]]:
   """Greedy continuations of token prompts, batched; returns each prompt's valid new tokens.
 
   Args:
@@ -115,7 +117,7 @@ def generate(params, config: Config, prompts: Sequence[Sequence[int]], *, max_ne
   outputs: list[Optional[list[int]]] = [None] * len(prompts)
   done = 0
   room = config.max_position_embeddings - max_new_tokens
-  for batch in _suite.batches(prompts, batch_size, pad_id, max_length=room if room > 0 else None):
+  for batch in batching.token_batches(prompts, batch_size, pad_id, max_length=room if room > 0 else None):
     gen = decode.generate(params, config, batch.tokens, max_new_tokens, prompt_mask=batch.mask,
                           temperature=0.0, eos_token_ids=eos, pad_id=pad_id)
     tokens, lengths = np.asarray(gen.tokens), np.asarray(gen.lengths)

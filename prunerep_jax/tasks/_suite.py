@@ -13,11 +13,8 @@ data files and are never imported) or from the user's local files:
 `prunerep_jax.data` reads one text field per record; the suites need whole records, hence this
 reader.
 
-Batching: prompts are sorted by length (longest first, so the first batch is the most
-demanding one and memory problems show at once), cut into batches of a fixed size B, and
-left-padded to a length bucket (16, 24, 32, 48, 64, 96, ...: at most a third of padding), so each
-suite compiles one program per bucket. The last batch is filled with dummy rows (one real token
-each) that never reach a result.
+Batching: `prunerep_jax.batching.token_batches` (sorted longest first, so the first batch is
+the most demanding one and memory problems show at once; fixed B, left-padded to length buckets).
 
 Shape letters: B batch, T positions.
 """
@@ -29,16 +26,13 @@ import gzip
 import importlib.util
 import json
 import os
-import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any, NamedTuple, Optional
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Optional
 
 import numpy as np
-from absl import logging
 
 from prunerep_jax import validate
 
-Progress = Optional[Callable[[str], None]]
 
 _SUFFIX_KINDS = (  # in order of preference inside a dataset directory
     ("arrow", (".parquet", ".arrow")),
@@ -301,52 +295,6 @@ def subsample(items: Sequence[Any], n: Optional[int], seed: int, fn: str,
 
 # --------------------------------------------------------------------------------- batching
 
-class Batch(NamedTuple):
-  """rows: [R] indices (into the caller's list) of the R <= B real rows, in the batch's first R
-  rows; tokens, mask: int32 [B, T], left-padded; rows R..B-1 are dummies."""
-
-  rows: np.ndarray
-  tokens: np.ndarray
-  mask: np.ndarray
-
-
-def bucket_length(n: int) -> int:
-  """The smallest of 16, 24, 32, 48, 64, 96, ... (2^k and 1.5 * 2^k) that is >= n."""
-  size = 16
-  while True:
-    for candidate in (size, size * 3 // 2):
-      if candidate >= n:
-        return candidate
-    size *= 2
-
-
-def batches(rows: Sequence[Sequence[int]], batch_size: int, pad_id: int,
-            max_length: Optional[int] = None) -> Iterator[Batch]:
-  """Fixed-size, left-padded, length-bucketed batches of token rows (see the module docstring).
-
-  Args:
-    rows: token id sequences, each non-empty.
-    batch_size: B (at most the number of rows is used, so one row never compiles a big batch).
-    pad_id: the id written on padding (masked out; any valid id).
-    max_length: bucket lengths are capped here (e.g. the room left before the context limit).
-  """
-  lengths = np.asarray([len(r) for r in rows])
-  B = min(batch_size, len(rows))
-  order = np.argsort(-lengths, kind="stable")
-  for start in range(0, len(rows), B):
-    idx = order[start:start + B]
-    T = bucket_length(int(lengths[idx].max()))
-    if max_length is not None:
-      T = max(min(T, max_length), int(lengths[idx].max()))
-    tokens = np.full((B, T), pad_id, np.int32)
-    mask = np.zeros((B, T), np.int32)
-    for b, i in enumerate(idx):
-      tokens[b, T - lengths[i]:] = rows[i]
-      mask[b, T - lengths[i]:] = 1
-    mask[len(idx):, -1] = 1  # dummy rows: one real (pad) token, so no row attends to nothing
-    yield Batch(np.asarray(idx), tokens, mask)
-
-
 def pad_id_of(tokenizer, config) -> int:
   """The id used on padding: the tokenizer's pad, else its EOS, else the config's, else 0."""
   for candidate in (getattr(tokenizer, "pad_token_id", None),
@@ -355,32 +303,6 @@ def pad_id_of(tokenizer, config) -> int:
     if candidate is not None and 0 <= candidate < config.vocab_size:
       return int(candidate)
   return 0
-
-
-# --------------------------------------------------------------------------------- progress
-
-class Reporter:
-  """One progress line per batch: `suite: done/total unit (pct), elapsed, ETA`.
-
-  `callback` receives each line; None logs it with absl at INFO.
-  """
-
-  def __init__(self, suite: str, total: int, unit: str, callback: Progress):
-    self.suite, self.total, self.unit = suite, total, unit
-    self.callback = callback or logging.info
-    self.start = time.perf_counter()
-
-  def __call__(self, done: int) -> None:
-    elapsed = time.perf_counter() - self.start
-    eta = elapsed / done * (self.total - done) if done else float("nan")
-    self.callback(f"{self.suite}: {done}/{self.total} {self.unit} ({100 * done / self.total:.0f}%)"
-                  f", {elapsed:.1f} s elapsed, ETA {eta:.0f} s")
-
-
-def check_progress(fn: str, progress: Any) -> None:
-  if progress is not None and not callable(progress):
-    raise validate.fail(fn, "progress", progress, "None or a callable taking one str",
-                        error=TypeError)
 
 
 def check_items(fn: str, items: Any, kind: type) -> list:

@@ -28,6 +28,7 @@ import decimal
 import re
 from typing import Any, Optional, Sequence
 
+from prunerep_jax import progress as progress_lib
 from prunerep_jax import validate
 from prunerep_jax.config import Config
 from prunerep_jax.loading.tokenizer import chat_prompt
@@ -163,7 +164,7 @@ def prompt_tokens(tokenizer, item: Item, few_shot: Sequence[Item] = ()) -> list[
 
 def evaluate(params, config: Config, tokenizer, items: Sequence[Item], *,
              max_new_tokens: int = 256, batch_size: int = 8, few_shot: Sequence[Item] = (),
-             progress: _suite.Progress = None) -> dict:
+             progress: progress_lib.Progress = None) -> dict:
   """Greedy answers to GSM8K problems, scored by exact match of the final number.
 
   Args:
@@ -187,7 +188,7 @@ def evaluate(params, config: Config, tokenizer, items: Sequence[Item], *,
   few_shot = _check_few_shot(fn, few_shot, items)
   max_new_tokens = validate.integer(fn, "max_new_tokens", max_new_tokens, minimum=1)
   batch_size = validate.integer(fn, "batch_size", batch_size, minimum=1)
-  _suite.check_progress(fn, progress)
+  progress_lib.check_progress(fn, progress)
   prompts = [prompt_tokens(tokenizer, it, few_shot) for it in items]
   _generation.prompt_lengths_fit(fn, [len(p) for p in prompts], [it.id for it in items], config,
                                  max_new_tokens)
@@ -195,7 +196,7 @@ def evaluate(params, config: Config, tokenizer, items: Sequence[Item], *,
   outputs = _generation.generate(
       params, config, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, eos=eos,
       pad_id=_suite.pad_id_of(tokenizer, config),
-      reporter=_suite.Reporter("gsm8k", len(items), "items", progress))
+      reporter=progress_lib.Reporter("gsm8k", len(items), "items", progress))
   rows = []
   for it, tokens in zip(items, outputs):
     text = _generation.decode_text(tokenizer, tokens)

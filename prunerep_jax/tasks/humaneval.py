@@ -51,6 +51,7 @@ import sys
 import tempfile
 from typing import Any, Optional, Sequence
 
+from prunerep_jax import progress as progress_lib
 from prunerep_jax import atomic, validate
 from prunerep_jax.config import Config
 from prunerep_jax.tasks import _generation, _suite
@@ -247,7 +248,7 @@ def _kill_group(proc: subprocess.Popen) -> None:
 
 def evaluate(params, config: Config, tokenizer, items: Sequence[Item], *,
              max_new_tokens: int = 256, batch_size: int = 8, execute: bool = False,
-             timeout: float = 10.0, progress: _suite.Progress = None) -> dict:
+             timeout: float = 10.0, progress: progress_lib.Progress = None) -> dict:
   """Greedy completions of HumanEval prompts; pass@1 only with `execute=True`.
 
   Args:
@@ -275,12 +276,12 @@ def evaluate(params, config: Config, tokenizer, items: Sequence[Item], *,
   batch_size = validate.integer(fn, "batch_size", batch_size, minimum=1)
   execute = validate.boolean(fn, "execute", execute)
   timeout = validate.number(fn, "timeout", timeout, minimum=0.0, min_open=True)
-  _suite.check_progress(fn, progress)
+  progress_lib.check_progress(fn, progress)
   prompts = [list(tokenizer.encode(it.prompt)) for it in items]
   _generation.prompt_lengths_fit(fn, [len(p) for p in prompts], [it.id for it in items], config,
                                  max_new_tokens)
   eos = _generation.eos_ids(tokenizer, config)
-  report = _suite.Reporter("humaneval", len(items), "problems", progress)
+  report = progress_lib.Reporter("humaneval", len(items), "problems", progress)
   outputs = _generation.generate(params, config, prompts, max_new_tokens=max_new_tokens,
                                  batch_size=batch_size, eos=eos,
                                  pad_id=_suite.pad_id_of(tokenizer, config), reporter=report)

@@ -41,6 +41,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from prunerep_jax import progress as progress_lib
+from prunerep_jax import batching
 from prunerep_jax import validate
 from prunerep_jax.config import Config
 from prunerep_jax.loading.tokenizer import chat_prompt
@@ -185,7 +187,7 @@ def _score(params, config: Config, tokens, mask, letters):
 
 
 def evaluate(params, config: Config, tokenizer, items: Sequence[Item], *, batch_size: int = 8,
-             progress: _suite.Progress = None) -> dict:
+             progress: progress_lib.Progress = None) -> dict:
   """Scores each item's four options by the log-likelihood of their letters.
 
   Args:
@@ -206,19 +208,19 @@ def evaluate(params, config: Config, tokenizer, items: Sequence[Item], *, batch_
   validate.params(fn, params, config)
   items = _suite.check_items(fn, items, Item)
   batch_size = validate.integer(fn, "batch_size", batch_size, minimum=1)
-  _suite.check_progress(fn, progress)
+  progress_lib.check_progress(fn, progress)
   letters, form = letter_tokens(tokenizer)
   if max(letters) >= config.vocab_size:
     raise ValueError(f"{fn}: the letter tokens {letters} lie outside the model's vocabulary of "
                      f"{config.vocab_size}; tokenizer and model do not match")
   prompts = [prompt_tokens(tokenizer, it) for it in items]
   _check_lengths(fn, prompts, items, config)
-  report = _suite.Reporter("mmlu", len(items), "items", progress)
+  report = progress_lib.Reporter("mmlu", len(items), "items", progress)
   logps = np.zeros((len(items), 4), np.float64)
   top1 = np.zeros(len(items), np.int64)
   done = 0
   pad = _suite.pad_id_of(tokenizer, config)
-  for batch in _suite.batches(prompts, batch_size, pad, config.max_position_embeddings):
+  for batch in batching.token_batches(prompts, batch_size, pad, config.max_position_embeddings):
     lp, t1 = _score(params, config, batch.tokens, batch.mask, jnp.asarray(letters, jnp.int32))
     real = len(batch.rows)
     logps[batch.rows] = np.asarray(lp)[:real]

@@ -32,6 +32,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from prunerep_jax import progress as progress_lib
+from prunerep_jax import batching
 from prunerep_jax import data, validate
 from prunerep_jax.config import Config
 from prunerep_jax.model import forward
@@ -106,21 +108,21 @@ def _mean_pool(params, config: Config, tokens, mask):
 
 
 def embed(params, config: Config, rows: Sequence[Sequence[int]], *, batch_size: int = 8,
-          progress: _suite.Progress = None) -> np.ndarray:
+          progress: progress_lib.Progress = None) -> np.ndarray:
   """Mean-pooled final hidden states of token rows (any lengths), float32 [R, D].
 
-  Rows are batched left-padded (`_suite.batches`); padding is masked out of the attention and
+  Rows are batched left-padded (`batching.token_batches`); padding is masked out of the attention and
   of the mean, so a row's embedding does not depend on its batch.
   """
   fn = "retrieval.embed"
   validate.params(fn, params, config)
   batch_size = validate.integer(fn, "batch_size", batch_size, minimum=1)
-  _suite.check_progress(fn, progress)
+  progress_lib.check_progress(fn, progress)
   rows = _check_rows(fn, rows, config)
-  report = _suite.Reporter("retrieval", len(rows), "texts", progress)
+  report = progress_lib.Reporter("retrieval", len(rows), "texts", progress)
   out = np.zeros((len(rows), config.hidden_size), np.float32)
   done = 0
-  for batch in _suite.batches(rows, batch_size, 0, config.max_position_embeddings):
+  for batch in batching.token_batches(rows, batch_size, 0, config.max_position_embeddings):
     pooled = _mean_pool(params, config, batch.tokens, batch.mask)
     out[batch.rows] = np.asarray(pooled)[:len(batch.rows)]
     done += len(batch.rows)
@@ -151,7 +153,7 @@ def _check_rows(fn: str, rows: Any, config: Config) -> list[np.ndarray]:
 
 
 def encode(params, config: Config, passages: Passages, *, batch_size: int = 8,
-           progress: _suite.Progress = None) -> Embeddings:
+           progress: progress_lib.Progress = None) -> Embeddings:
   """Embeddings of every passage's query and key half (2P texts, one progress count)."""
   if not isinstance(passages, Passages):
     raise validate.fail("retrieval.encode", "passages", passages, "Passages (from "
@@ -233,7 +235,7 @@ def _check_embeddings(fn: str, name: str, emb: Any) -> None:
 
 def evaluate(params, config: Config, passages: Passages, *, batch_size: int = 8,
              dense: Optional[Embeddings] = None,
-             progress: _suite.Progress = None) -> tuple[dict, Embeddings]:
+             progress: progress_lib.Progress = None) -> tuple[dict, Embeddings]:
   """`encode` then `score`, plus `compare` against the dense embeddings when given.
 
   Returns:

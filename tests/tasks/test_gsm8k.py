@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 import prunerep_jax as pj
+from prunerep_jax import batching
 from prunerep_jax import validate
-from prunerep_jax.tasks import _generation, _suite, gsm8k
+from prunerep_jax.tasks import _generation, gsm8k
 
 import _tiny_model as tiny
 
@@ -128,7 +129,7 @@ def test_outputs_equal_generation_of_each_prompt_alone(result):
   gives the same tokens: padding and batch neighbours do not leak into a row."""
   params, config, tok = tiny.params(0), tiny.config(), tiny.tokenizer()
   prompts = [gsm8k.prompt_tokens(tok, it) for it in ITEMS]
-  T = _suite.bucket_length(max(len(p) for p in prompts))  # the shape evaluate compiled
+  T = batching.bucket_length(max(len(p) for p in prompts))  # the shape evaluate compiled
   for prompt, row in zip(prompts, result["items"]):
     tokens = np.full((2, T), 11, np.int32)
     mask = np.zeros((2, T), np.int32)

@@ -6,6 +6,8 @@ import json
 import numpy as np
 import pytest
 
+from prunerep_jax import progress as progress_lib
+from prunerep_jax import batching
 from prunerep_jax import validate
 from prunerep_jax.tasks import _suite
 
@@ -165,13 +167,13 @@ def test_subsample_argument_errors(n, seed, message):
 # -------------------------------------------------------------------------------- batches
 
 def test_bucket_lengths():
-  assert [_suite.bucket_length(n) for n in (1, 16, 17, 24, 25, 33, 49, 65, 97, 129, 200)] == [
+  assert [batching.bucket_length(n) for n in (1, 16, 17, 24, 25, 33, 49, 65, 97, 129, 200)] == [
       16, 16, 24, 24, 32, 48, 64, 96, 128, 192, 256]
 
 
 def test_batches_are_fixed_size_left_padded_and_cover_every_row_once():
   rows = [[1] * n for n in (3, 20, 5, 17, 9)]
-  batches = list(_suite.batches(rows, 2, pad_id=0))
+  batches = list(batching.token_batches(rows, 2, pad_id=0))
   assert [b.tokens.shape for b in batches] == [(2, 24), (2, 16), (2, 16)]
   assert sorted(np.concatenate([b.rows for b in batches]).tolist()) == [0, 1, 2, 3, 4]
   for b in batches:
@@ -183,14 +185,14 @@ def test_batches_are_fixed_size_left_padded_and_cover_every_row_once():
 
 
 def test_batches_never_exceed_the_number_of_rows_or_the_length_cap():
-  (only,) = list(_suite.batches([[4, 5, 6]], 8, pad_id=9, max_length=10))
+  (only,) = list(batching.token_batches([[4, 5, 6]], 8, pad_id=9, max_length=10))
   assert only.tokens.tolist() == [[9] * 7 + [4, 5, 6]]
   assert only.rows.tolist() == [0]
 
 
 def test_reporter_lines():
   lines = []
-  report = _suite.Reporter("mmlu", 4, "items", lines.append)
+  report = progress_lib.Reporter("mmlu", 4, "items", lines.append)
   report(2)
   report(4)
   assert lines[0].startswith("mmlu: 2/4 items (50%), ") and "ETA" in lines[0]
