@@ -3,11 +3,13 @@ r"""Prune a model with one method and compare it with the dense model on held-ou
   python -m experiments.prune --model=smollm2-135m-instruct --method=wanda --pattern=2:4 \
       --nsamples=128 --seqlen=512 --out=runs/wanda_2of4 [--export_hf] [--overwrite]
 
-Prints the pruning report (sparsity per layer, dropped sublayers, calibration, timings) and the
-perplexity of dense vs pruned on held-out text, plus next-token KL(dense || pruned) and top-1
-agreement. With --out=DIR, writes DIR/run.json (this launcher's marker: flags and outputs),
-DIR/checkpoint (pruned params + masks + report, orbax), DIR/report.json, and with --export_hf
-also DIR/hf, a Hugging Face safetensors directory that transformers loads. Every write is atomic.
+Shows progress on stderr and, at the end, a summary on stdout: what was pruned, sparsity per layer
+(or the dropped sublayers), timings, and the perplexity of dense vs pruned on held-out text with
+next-token KL(dense || pruned) and top-1 agreement. Third-party INFO logs (orbax, absl) stay off
+the console unless --verbosity asks for them. With --out=DIR, writes DIR/run.json (this launcher's
+marker: flags and outputs), DIR/log.txt (everything printed and logged), DIR/checkpoint (pruned
+params + masks + report, orbax), DIR/report.json, and with --export_hf also DIR/hf, a Hugging
+Face safetensors directory that transformers loads. Every write is atomic.
 
 Which flags apply to which --method (a flag given to a method that would ignore it is refused):
   --sparsity                         magnitude, wanda, sparsegpt, neurons
@@ -32,18 +34,17 @@ Every flag is checked before the model is loaded; after loading, the checks that
 calibration and pruning. A refused flag prints one line on stderr and exits with status 2.
 """
 
-import json
 import os
 import sys
 
-from absl import flags, logging
+from absl import flags
 
 from experiments import _common
 
 PROG = "experiments.prune"
 # Entries of --out this launcher writes; the marker lists those of each run.
 CHECKPOINT, REPORT, HF = "checkpoint", "report.json", "hf"
-OWNED = (_common.MARKER, CHECKPOINT, REPORT, HF)
+OWNED = (_common.MARKER, _common.LOG, CHECKPOINT, REPORT, HF)
 DIRECTORIES = (CHECKPOINT, HF)
 
 flags.DEFINE_string("model", "smollm2-135m-instruct",
@@ -87,31 +88,45 @@ def check_flags(argv) -> dict:
   model_path = _common.model_flag(PROG, FLAGS.model)
   out, outputs = None, ()
   if FLAGS.out is not None:
-    outputs = (_common.MARKER, CHECKPOINT, REPORT) + ((HF,) if FLAGS.export_hf else ())
+    outputs = (_common.MARKER, _common.LOG, CHECKPOINT, REPORT) + ((HF,) if FLAGS.export_hf
+                                                                    else ())
     out = _common.check_out(PROG, FLAGS.out, overwrite=FLAGS.overwrite, outputs=outputs,
                             owned=OWNED, model_path=model_path, directories=DIRECTORIES)
-  return {"pruning": pruning, "model_path": model_path, "out": out, "outputs": outputs}
+  return {"pruning": pruning, "model_path": model_path, "out": out, "outputs": outputs,
+          "directories": DIRECTORIES}
 
 
-def summarize(report: dict) -> str:
-  """The report without its long per-matrix tables, for the terminal."""
-  short = {k: v for k, v in report.items() if k not in ("per_matrix_sparsity", "importance")}
-  return json.dumps(short, indent=2, default=str)
+def summary(report: dict, evaluation: dict) -> str:
+  """The readable end-of-run summary: what was pruned, sparsity per layer (or what was dropped),
+  time, and the held-out comparison with the dense model."""
+  lines = [f"pruned: {_common.pruning_line(report)}"]
+  per_layer = report.get("per_layer_sparsity")
+  if per_layer:
+    rows = [[l, f"{s:.3f}"] for l, s in enumerate(per_layer)]
+    lines.append(f"overall sparsity {report.get('sparsity', float('nan')):.4f} of the "
+                 f"{report.get('prunable_weights', '?')} prunable weights; per layer:")
+    lines.append(_common.table(["layer", "sparsity"], rows))
+  timings = report.get("timings", {})
+  if timings:
+    lines.append("time: " + ", ".join(f"{k[:-2] if k.endswith('_s') else k} {v:.1f} s"
+                                      for k, v in timings.items()))
+  held = evaluation["heldout"]
+  lines.append(f"held-out {held['source']} ({held['windows']} windows x {held['seqlen']} tokens):")
+  lines.append(_common.table(
+      ["model", "perplexity", "KL(dense||pruned) nats/token", "top-1 agreement"],
+      [["dense", evaluation["dense_ppl"], 0.0, 1.0],
+       ["pruned", evaluation["pruned_ppl"], evaluation["kl_dense_pruned"],
+        evaluation["top1_agreement"]]]))
+  return "\n".join(lines)
 
 
-def write_outputs(checks: dict, result, evaluation: dict, tokenizer) -> str:
-  """Writes the run's outputs into --out: the marker first (so an interrupted run still marks
-  the directory as ours), then each output atomically, then the marker again, complete."""
+def write_outputs(out: str, result, evaluation: dict, tokenizer) -> None:
+  """Writes the checkpoint, report.json and (with --export_hf) the HF directory, each atomic;
+  `_common.write_run` adds the marker and the log around them."""
   import prunerep_jax as pj
   from prunerep_jax import atomic
   from prunerep_jax.export import export_hf
 
-  # Checked again: the directory may have changed while the model was pruned.
-  out = _common.check_out(PROG, FLAGS.out, overwrite=FLAGS.overwrite, outputs=checks["outputs"],
-                          owned=OWNED, model_path=checks["model_path"], directories=DIRECTORIES)
-  settings = _common.flag_settings(sys.modules[__name__])
-  outputs = checks["outputs"]
-  _common.write_marker(PROG, out, status="writing", outputs=outputs, settings=settings)
   pj.checkpoint.save_pruned(os.path.join(out, CHECKPOINT), result, overwrite=FLAGS.overwrite)
   atomic.write_json(os.path.join(out, REPORT),
                     _common.jsonable({"report": result.report, "evaluation": evaluation}),
@@ -123,20 +138,19 @@ def write_outputs(checks: dict, result, evaluation: dict, tokenizer) -> str:
                                       "projections"}}
     export_hf(os.path.join(out, HF), result.params, result.config, tokenizer,
               extra_config=extra, overwrite=FLAGS.overwrite)
-  _common.write_marker(PROG, out, status="complete", outputs=outputs, settings=settings)
-  return out
 
 
 def main(argv):
   checks = check_flags(argv)
+  console = _common.Console(PROG)
+  _common.console_logging(console)
 
   import prunerep_jax as pj
   from prunerep_jax import data
   from prunerep_jax.tasks.perplexity import next_token_kl, perplexity
 
-  logging.set_verbosity(logging.INFO)
-  method = FLAGS.method
-  model = pj.load(FLAGS.model)
+  with console.stage(f"loading {FLAGS.model}"):
+    model = pj.load(FLAGS.model)
   _common.check_pruning_against_config(PROG, model.config, checks["pruning"])
   if model.tokenizer is None:
     raise _common.usage(f"{PROG}(--model={FLAGS.model!r}): the model has no tokenizer; the "
@@ -151,21 +165,19 @@ def main(argv):
   except ValueError as e:
     raise _common.usage(f"{PROG}({eval_flag}={eval_source!r}, --eval_seqlen="
                         f"{FLAGS.eval_seqlen}): {e}") from None
-  result = _common.prune_from_flags(PROG, model, checks["pruning"])
-  print(f"== {method} on {FLAGS.model}")
-  print(summarize(result.report))
-
-  dense = perplexity(model.params, model.config, tokens)
-  pruned = perplexity(result.params, result.config, tokens)
-  kl = next_token_kl(model.params, result.params, model.config, result.config, tokens)
+  with console.stage(f"pruning with {FLAGS.method}"):
+    result = _common.prune_from_flags(PROG, model, checks["pruning"])
+  with console.stage(f"held-out evaluation ({tokens.shape[0]} x {tokens.shape[1]} tokens)"):
+    dense = perplexity(model.params, model.config, tokens)
+    pruned = perplexity(result.params, result.config, tokens)
+    kl = next_token_kl(model.params, result.params, model.config, result.config, tokens)
   evaluation = {"heldout": info, "dense_ppl": dense["ppl"], "pruned_ppl": pruned["ppl"],
                 "kl_dense_pruned": kl["kl"], "top1_agreement": kl["top1_agreement"]}
-  print(f"held-out {info['source']} ({tokens.shape[0]} x {tokens.shape[1]} tokens): "
-        f"perplexity dense {dense['ppl']:.3f} -> pruned {pruned['ppl']:.3f}; "
-        f"KL(dense||pruned) {kl['kl']:.4f} nats/token; top-1 agreement {kl['top1_agreement']:.3f}")
-
+  console.show(summary(result.report, evaluation))
   if checks["out"] is not None:
-    print(f"wrote {write_outputs(checks, result, evaluation, model.tokenizer)}")
+    _common.write_run(PROG, console, checks, overwrite=FLAGS.overwrite, owned=OWNED,
+                      settings=_common.flag_settings(sys.modules[__name__]),
+                      write=lambda out: write_outputs(out, result, evaluation, model.tokenizer))
 
 
 if __name__ == "__main__":

@@ -202,7 +202,7 @@ def test_prunes_to_out_then_overwrites_only_its_own_outputs(tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   marker = json.loads((out / "run.json").read_text())
   assert marker["launcher"] == PROG and marker["status"] == "complete"
-  assert marker["outputs"] == ["run.json", "checkpoint", "report.json", "hf"]
+  assert marker["outputs"] == ["run.json", "log.txt", "checkpoint", "report.json", "hf"]
   assert marker["flags"]["method"] == "wanda" and marker["flags"]["nsamples"] == 4
   report = json.loads((out / "report.json").read_text())
   assert report["report"]["method"] == "wanda"
@@ -214,6 +214,11 @@ def test_prunes_to_out_then_overwrites_only_its_own_outputs(tmp_path):
     assert math.isfinite(evaluation[key]), key
   assert 1.0 < evaluation["dense_ppl"] and 0.0 <= evaluation["top1_agreement"] <= 1.0
   assert json.loads((out / "hf" / "config.json").read_text())["num_hidden_layers"] == 2
+  # People read a summary table; logs (orbax's INFO lines included) go to log.txt only.
+  assert "perplexity" in proc.stdout and "per layer" in proc.stdout
+  assert "orbax" not in proc.stderr and " I1" not in proc.stderr and " I0" not in proc.stderr
+  log = (out / "log.txt").read_text()
+  assert "perplexity" in log and "experiments.prune started with" in log
 
   (out / "notes.txt").write_text("mine")
   before = snapshot(out)
@@ -223,7 +228,8 @@ def test_prunes_to_out_then_overwrites_only_its_own_outputs(tmp_path):
 
   proc, _ = launch(PROG, *common, "--method=magnitude", f"--eval_source={text}", "--overwrite")
   assert proc.returncode == 0, proc.stderr[-3000:]
-  assert sorted(os.listdir(out)) == ["checkpoint", "hf", "notes.txt", "report.json", "run.json"]
+  assert sorted(os.listdir(out)) == ["checkpoint", "hf", "log.txt", "notes.txt", "report.json",
+                                     "run.json"]
   assert snapshot(out)["notes.txt"] == before["notes.txt"]  # same bytes, same mtime
   assert json.loads((out / "run.json").read_text())["flags"]["method"] == "magnitude"
   report = json.loads((out / "report.json").read_text())
