@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from prunerep_jax import parallel
 from prunerep_jax import validate
 from prunerep_jax.prune import calibrate
 from prunerep_jax.prune import linears as lin
@@ -221,7 +222,7 @@ def sparsegpt_prune(w: jax.Array, hessian: jax.Array, pattern: patterns.Pattern,
 
 
 def sparsegpt(params, config, pattern=0.5, *, calibration=None, blocksize: int = 128,
-              percdamp: float = 0.01, include=None, batch_size: int = 8):
+              percdamp: float = 0.01, include=None, batch_size: int = 8, mesh=None):
   """SparseGPT on every selected block linear, layer by layer on the already pruned prefix.
 
   Args:
@@ -230,7 +231,10 @@ def sparsegpt(params, config, pattern=0.5, *, calibration=None, blocksize: int =
     calibration: a `Calibration` or int tokens [N, T].
     blocksize, percdamp: as in `sparsegpt_prune`.
     include: fnmatch patterns over "attn/q_proj"-style names (default: all seven linears).
-    batch_size: calibration samples per jitted step.
+    batch_size: calibration samples per batch.
+    mesh: None, a ("data", "model") mesh or a spec such as "data:4" (`prunerep_jax.parallel`):
+      params are placed on it and the calibration batches split over its data axis (statistics
+      summed across it); the pruned params come back placed on the mesh.
   """
 
   t0 = time.perf_counter()
@@ -246,6 +250,7 @@ def sparsegpt(params, config, pattern=0.5, *, calibration=None, blocksize: int =
   validate.params("sparsegpt", params, config, finite=True)
   lin.check_nm_divides(pattern, config, chosen, "sparsegpt")
   calib = calibrate.as_calibration(calibration, config, "sparsegpt")
+  mesh = parallel.as_mesh("sparsegpt", mesh)
 
   def prune_layer(l, layer_p, stats, ntokens):
     layer_p = jax.tree_util.tree_map(lambda x: x, layer_p)
@@ -260,7 +265,8 @@ def sparsegpt(params, config, pattern=0.5, *, calibration=None, blocksize: int =
     return layer_p, masks, {}
 
   new_params, per_layer, _, timings = calibrate.sequential(
-      params, config, calib, "hessian", prune_layer, batch_size=batch_size, method="sparsegpt")
+      params, config, calib, "hessian", prune_layer, batch_size=batch_size, method="sparsegpt",
+      mesh=mesh)
   masks = lin.masks_tree(per_layer, chosen)
   report = {"method": "sparsegpt",
             "pattern": str(pattern) if isinstance(pattern, patterns.NM) else pattern.sparsity,
