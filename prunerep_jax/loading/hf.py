@@ -438,11 +438,14 @@ class _SafetensorsFile:
       raise ValueError(f"{self.path}: tensor {name} has dtype {dtype}; expected one of "
                        f"{_FLOAT_DTYPES}")
 
-  def read(self, name: str) -> np.ndarray:
-    """The tensor in its file dtype ([out, in] for a Linear weight), read straight into a
-    freshly allocated array."""
+  def numpy_dtype(self, name: str) -> np.dtype:
+    return _NUMPY_DTYPES[self.entries[name].dtype]
+
+  def read(self, name: str, out: Optional[np.ndarray] = None) -> np.ndarray:
+    """The tensor in its file dtype ([out, in] for a Linear weight), read straight into `out`
+    (a C-contiguous array of its shape and file dtype) or a freshly allocated array."""
     entry = self.entries[name]
-    array = np.empty(entry.shape, _NUMPY_DTYPES[entry.dtype])
+    array = np.empty(entry.shape, self.numpy_dtype(name)) if out is None else out
     view = memoryview(array.reshape(-1).view(np.uint8))
     try:
       with open(self.path, "rb", buffering=0) as f:
@@ -550,15 +553,48 @@ def _at(tree: dict, keys: tuple[str, ...]) -> Any:
   return tree
 
 
+# Bits that are all set in the exponent of Inf and NaN, per float dtype (as unsigned integers).
+_EXPONENT_BITS = {np.dtype(np.float16): (np.uint16, 0x7C00),
+                  np.dtype(ml_dtypes.bfloat16): (np.uint16, 0x7F80),
+                  np.dtype(np.float32): (np.uint32, 0x7F800000),
+                  np.dtype(np.float64): (np.uint64, 0x7FF0000000000000)}
+
+
+def _nonfinite(array: np.ndarray) -> bool:
+  """Whether a float array holds NaN or Inf, read from its bits (integer temporaries of the
+  tensor's size only: checking the loaded model on the device would materialise a flag per
+  weight, a quarter of a bf16 model's size, at once)."""
+  uint, bits = _EXPONENT_BITS[array.dtype]
+  return bool(np.any((array.view(uint) & uint(bits)) == uint(bits)))
+
+
+def _check_finite(src: _Source, stored: np.ndarray, loaded: np.ndarray) -> None:
+  """Refuses a tensor holding NaN or Inf in the file, or values the target dtype overflows."""
+  if not _nonfinite(loaded):
+    return
+  if stored is loaded or _nonfinite(stored):
+    raise ValueError(f"{src.file.path}: tensor {src.name} contains NaN or Inf values; expected "
+                     "finite weights")
+  raise ValueError(f"{src.file.path}: tensor {src.name} holds values beyond the range of "
+                   f"{loaded.dtype}, which become Inf; load the model in float32 (or bfloat16)")
+
+
 def _read_leaf(sources: list[_Source], shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
   """One params leaf (a stacked [L, ...] one or a global one) in `dtype`, filled tensor by
   tensor: each is read, transposed to [in, out] if a Linear weight and converted while copied
-  into its slot, so at most one file tensor exists besides the leaf."""
+  into its slot, so at most one file tensor exists besides the leaf. Every slot is checked to be
+  finite as it is filled."""
   leaf = loading.host_buffer(shape, dtype)
   for src in sources:
     slot = leaf if src.layer is None else leaf[src.layer]
+    if not src.transpose and src.file.numpy_dtype(src.name) == dtype:
+      src.file.read(src.name, out=slot)  # norms, biases, the embedding: no copy at all
+      _check_finite(src, slot, slot)
+      continue
     array = src.file.read(src.name)
-    slot[...] = array.T if src.transpose else array
+    with np.errstate(over="ignore"):  # an overflow is reported by name just below
+      slot[...] = array.T if src.transpose else array
+    _check_finite(src, array, slot)
     del array
   return leaf
 
@@ -567,8 +603,9 @@ def load_params(path: str, config: Config, dtype=None, mesh=None) -> dict:
   """Reads the safetensors weights under ``path`` into the layout pytree of JAX arrays.
 
   Streams: the whole plan (names, shapes, dtypes) is checked first, then each params leaf is
-  filled tensor by tensor in `dtype`, placed (on `mesh`'s sharding, if given) and its host
-  buffer released before the next leaf is read.
+  filled tensor by tensor in `dtype` (each tensor checked to be finite on the host as it
+  arrives), placed (on `mesh`'s sharding, if given) and its host buffer released before the next
+  leaf is read.
 
   Args:
     path: the model directory.
@@ -579,7 +616,7 @@ def load_params(path: str, config: Config, dtype=None, mesh=None) -> dict:
   Raises:
     FileNotFoundError: no weights file, or a shard the index lists is absent.
     ValueError: naming the file and tensor, for corrupt files, unknown, missing, mis-shaped or
-      non-finite tensors.
+      non-finite tensors, or values `dtype` cannot hold.
   """
   dtype = loading.resolve_dtype("load_params", dtype)
   mesh = parallel.as_mesh("load_params", mesh)
@@ -597,13 +634,6 @@ def load_params(path: str, config: Config, dtype=None, mesh=None) -> dict:
         leaf, None if shardings is None else _at(shardings, keys))
     del leaf  # the host buffer goes before the next leaf is read (or is the device's, on CPU)
   layout.check_params(params, config, source=path)
-  hf_name = {(leaf_path, src.layer): src for leaf_path, srcs in plan.items() for src in srcs}
-
-  def file_tensor(keys: tuple[str, ...], layer) -> str:
-    src = hf_name[(keys, layer if keys[0] == "layers" else None)]
-    return f"{src.file.path}: tensor {src.name}"
-
-  loading.check_finite("load_hf_dir", params, file_tensor)
   return params
 
 
