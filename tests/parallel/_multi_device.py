@@ -95,6 +95,8 @@ def main(out_path: str) -> None:
                                       include=SPARSEGPT_LINEARS),
       "perplexity": perplexity(params, EVEN, windows, batch_size=2),
   }
+  ref["neurons"] = pj.prune.neurons(params, EVEN, 0.5, calibration=calib, batch_size=4)
+  ref["magnitude"] = pj.prune.magnitude(params, EVEN, "2:4")
   ref["kl"] = next_token_kl(params, ref["wanda"].params, EVEN, EVEN, windows, batch_size=2)
 
   results = {"logits_scale": {"even": float(np.max(np.abs(host(ref["forward"].logits)))),
@@ -143,7 +145,14 @@ def main(out_path: str) -> None:
     ppl = perplexity(params, EVEN, windows, batch_size=2, mesh=mesh)
     r["nll_rel"] = abs(ppl["nll"] - ref["perplexity"]["nll"]) / ref["perplexity"]["nll"]
     r["ppl_tokens"] = ppl["tokens"]
-    if spec == "data:2,model:2":  # the same row sums as perplexity, for two models at once
+    if spec == "data:2,model:2":  # the other transforms, and two models' row sums at once
+      neurons = pj.prune.neurons(params, EVEN, 0.5, calibration=calib, batch_size=4, mesh=mesh)
+      r["neurons_equal"] = (trees_equal(neurons.masks, ref["neurons"].masks)
+                            and trees_equal(neurons.params, ref["neurons"].params)
+                            and neurons.config == ref["neurons"].config)
+      magnitude = pj.prune.magnitude(params, EVEN, "2:4", mesh=mesh)
+      r["magnitude_equal"] = (trees_equal(magnitude.masks, ref["magnitude"].masks)
+                              and trees_equal(magnitude.params, ref["magnitude"].params))
       kl = next_token_kl(params, wanda.params, EVEN, EVEN, windows, batch_size=2, mesh=mesh)
       r["kl_abs"] = abs(kl["kl"] - ref["kl"]["kl"])
       r["top1_equal"] = kl["top1_agreement"] == ref["kl"]["top1_agreement"]

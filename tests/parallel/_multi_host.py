@@ -21,10 +21,9 @@ def main(process_id: int, port: int, out_path: str) -> None:
 
   import prunerep_jax as pj
   from prunerep_jax.tasks.perplexity import perplexity
+  from _multi_device import EVEN as config, random_params  # logits of order 1
 
-  config = pj.Config(family="llama", vocab_size=96, hidden_size=32, intermediate_size=64,
-                     num_layers=2, num_heads=8, num_kv_heads=4, head_dim=4)
-  params = pj.init_params(config, jax.random.key(0))
+  params = jax.device_put(random_params(config, 0))
   rng = np.random.default_rng(0)
   tokens = rng.integers(0, config.vocab_size, (3, 12))  # 3 rows: padded to 4 over data:2
   calib = rng.integers(0, config.vocab_size, (6, 8))
@@ -43,8 +42,11 @@ def main(process_id: int, port: int, out_path: str) -> None:
   nll = perplexity(params, config, windows, batch_size=2)["nll"]
   r["nll_rel"] = abs(perplexity(params, config, windows, batch_size=2, mesh=mesh)["nll"] - nll) / nll
   data4 = parallel.make_mesh("data:4")
-  wanda = pj.prune.wanda(params, config, 0.5, calibration=calib, batch_size=4, mesh=data4)
-  dense = pj.prune.wanda(params, config, 0.5, calibration=calib, batch_size=4)
+  # the statistics of all four input groups are summed across the processes either way
+  linears = ("attn/q_proj", "mlp/down_proj")
+  wanda = pj.prune.wanda(params, config, 0.5, calibration=calib, batch_size=4, include=linears,
+                         mesh=data4)
+  dense = pj.prune.wanda(params, config, 0.5, calibration=calib, batch_size=4, include=linears)
   r["wanda_masks_equal"] = all(
       np.array_equal(parallel.fetch(a), np.asarray(b)) for a, b in
       zip(jax.tree_util.tree_leaves(wanda.masks), jax.tree_util.tree_leaves(dense.masks)))

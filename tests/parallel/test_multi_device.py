@@ -7,15 +7,15 @@ multiple of the data axis: every result below also shows that the padding reache
 
 import pytest
 
-from _subprocess import finish, read_json, run_child
+from _subprocess import finish, read_json
 
 MESHES = ("data:4", "model:4", "data:2,model:2")
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory):
-  out = tmp_path_factory.mktemp("multi_device") / "results.json"
-  finish(run_child("_multi_device.py", [out], devices=4), timeout=600)
+def results(children):
+  proc, out = children["multi_device"]
+  finish(proc, timeout=600)
   return read_json(out)
 
 
@@ -73,6 +73,11 @@ def test_sparsegpt_gives_the_same_weights(results, mesh):
   r = results[mesh]
   assert r["sparsegpt_masks_equal"]
   assert r["sparsegpt_params_rel"] <= 1e-5
+
+
+def test_neurons_and_magnitude_give_the_same_params(results):
+  assert results["data:2,model:2"]["neurons_equal"]
+  assert results["data:2,model:2"]["magnitude_equal"]
 
 
 @pytest.mark.parametrize("mesh", MESHES)

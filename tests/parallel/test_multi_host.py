@@ -3,18 +3,14 @@
 
 import pytest
 
-from _subprocess import finish, free_port, read_json, run_child
+from _subprocess import finish, read_json
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory):
-  tmp = tmp_path_factory.mktemp("multi_host")
-  port = free_port()
-  procs = [run_child("_multi_host.py", [i, port, tmp / f"{i}.json"], devices=2)
-           for i in range(2)]
-  for proc in procs:
-    finish(proc, timeout=300)
-  return [read_json(tmp / f"{i}.json") for i in range(2)]
+def results(children):
+  for proc, _ in children["multi_host"]:
+    finish(proc, timeout=600)
+  return [read_json(out) for _, out in children["multi_host"]]
 
 
 def test_both_processes_see_four_devices_two_of_them_local(results):
