@@ -81,7 +81,7 @@ def main(out_path: str) -> None:
   tokens = rng.integers(0, EVEN.vocab_size, (B, T))
   mask = np.ones((B, T), np.int32)
   mask[1, :4] = 0  # a left-padded prompt
-  calib = rng.integers(0, EVEN.vocab_size, (6, 8))  # 6 windows in batches of 4: padded twice
+  calib = rng.integers(0, EVEN.vocab_size, (6, 8))  # 6 windows in batches of 4: one padded
   windows = rng.integers(0, EVEN.vocab_size, (5, 10))
 
   ref = {
