@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from prunerep_jax import model as M
+from prunerep_jax import parallel
 from prunerep_jax import validate
 from prunerep_jax.config import Config
 
@@ -289,7 +290,8 @@ def generate(params, config: Config, prompt_tokens, max_new_tokens: int, *, prom
              temperature: float = 0.0, top_k: Optional[int] = None,
              top_p: Optional[float] = None, seed: int = 0,
              eos_token_ids: Optional[Sequence[int]] = None, pad_id: Optional[int] = None,
-             capture: Sequence[str] = (), observe: Optional[Observe] = None) -> Generation:
+             capture: Sequence[str] = (), observe: Optional[Observe] = None,
+             mesh=None) -> Generation:
   """Prefill, then a fixed-length `jax.lax.scan` over decoding steps with a KV cache.
 
   Every argument is checked once on the host before anything is traced (see
@@ -314,6 +316,11 @@ def generate(params, config: Config, prompt_tokens, max_new_tokens: int, *, prom
       inside the decoding scan at every step (see `rollout`); its results come back in
       `Generation.observed`. Reduce there (e.g. an entropy per step) to keep memory O(steps).
       The function is a static argument: pass the same function object to reuse the compilation.
+    mesh: None (one device), a ("data", "model") `jax.sharding.Mesh` or a spec such as
+      "data:4" (see `prunerep_jax.parallel`): params are placed by `parallel.shard_params`, the
+      prompts are padded to a multiple of the data axis and split over it (the KV cache follows),
+      and every output comes back without the padding rows. Sampling draws the same numbers for a
+      row whatever the padding (the PRNG bits of row b do not depend on the batch size).
 
   Raises:
     ArgumentError (a ValueError) naming the argument, the value and what was expected.
@@ -354,12 +361,18 @@ def generate(params, config: Config, prompt_tokens, max_new_tokens: int, *, prom
   if observe is not None and not callable(observe):
     raise validate.fail(fn, "observe", observe, "None or a function (StepOutput, token, valid) "
                         "-> pytree", error=TypeError)
+  mesh = parallel.as_mesh(fn, mesh)
+  if mesh is not None:
+    params = parallel.shard_params(params, config, mesh)
+    prompt_tokens, _ = parallel.shard_batch(prompt_tokens, mesh)
+    mask, _ = parallel.shard_batch(mask, mesh)
   tokens, mask = left_align(prompt_tokens, mask)
   sampling = Sampling(temperature, top_k, top_p)
   stopping = Stopping(tuple(eos), int(pad_id))
   out = _generate(params, config, tokens, mask, jnp.asarray(seed, jnp.uint32), steps,
                   sampling, stopping, tuple(c for c in CAPTURES if c in capture), observe)
-  return out._replace(prompt_tokens=tokens, prompt_mask=mask)
+  out = out._replace(prompt_tokens=tokens, prompt_mask=mask)
+  return out if mesh is None else parallel.unpad(out, B)
 
 
 @functools.partial(jax.jit, static_argnums=(1, 5, 6, 7, 8, 9))

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from prunerep_jax import parallel
 from prunerep_jax import validate
 from prunerep_jax.config import Config
 from prunerep_jax.layout import param_shapes as layout_shapes
@@ -404,7 +405,7 @@ Keep = Union[str, Array, np.ndarray]
 
 
 def forward(params, config: Config, tokens, attention_mask=None, *, keep: Keep = "all",
-            capture: bool = True, logits: bool = True) -> ForwardOutput:
+            capture: bool = True, logits: bool = True, mesh=None) -> ForwardOutput:
   """Full forward pass; jitted once per (config, shapes, keep mode, flags).
 
   Every argument is checked on the host before any tracing (see `prunerep_jax.validate`); under
@@ -422,6 +423,11 @@ def forward(params, config: Config, tokens, attention_mask=None, *, keep: Keep =
       indices [B, P] / [P] in [0, T) (a list, NumPy or JAX array).
     capture: return the residual stream at every sublayer boundary.
     logits: compute logits (set False to keep only hidden states).
+    mesh: None (one device), a ("data", "model") `jax.sharding.Mesh` or a spec such as
+      "data:2,model:2" (see `prunerep_jax.parallel`): params are placed by
+      `parallel.shard_params` (a no-op for params already placed so), the batch is padded to a
+      multiple of the data axis and split over it, and the outputs come back without the
+      padding rows (as global arrays: `parallel.fetch` reads them on every host).
 
   Raises:
     ArgumentError (a ValueError) naming the argument, the value and what was expected;
@@ -440,7 +446,17 @@ def forward(params, config: Config, tokens, attention_mask=None, *, keep: Keep =
     keep_idx, mode = validate.positions(fn, "keep", keep, B, T), "indices"
   capture = validate.boolean(fn, "capture", capture)
   logits = validate.boolean(fn, "logits", logits)
-  return _forward(params, config, tokens, mask, keep_idx, mode, capture, logits)
+  mesh = parallel.as_mesh(fn, mesh)
+  if mesh is None:
+    return _forward(params, config, tokens, mask, keep_idx, mode, capture, logits)
+  params = parallel.shard_params(params, config, mesh)
+  tokens, _ = parallel.shard_batch(tokens, mesh)
+  mask, _ = parallel.shard_batch(mask, mesh)
+  if keep_idx is not None:
+    keep_idx, _ = parallel.shard_batch(keep_idx, mesh)
+  out = _forward(params, config, tokens, mask, keep_idx, mode, capture, logits)
+  return ForwardOutput(parallel.unpad(out.logits, B), parallel.unpad(out.residual, B, axis=1),
+                       parallel.unpad(out.final_hidden, B), parallel.unpad(out.positions, B))
 
 
 @functools.partial(jax.jit, static_argnums=(1, 5, 6, 7))

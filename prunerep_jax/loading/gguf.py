@@ -24,6 +24,7 @@ import numpy as np
 
 from prunerep_jax import layout
 from prunerep_jax import loading
+from prunerep_jax import parallel
 from prunerep_jax.config import Config
 from prunerep_jax.loading import Model
 from prunerep_jax.loading import tokenizer as tokenizer_lib
@@ -58,16 +59,20 @@ _GLOBAL_TENSORS = {
 _MISSING = object()
 
 
-def load_gguf(path: str | os.PathLike, source: Optional[str] = None) -> Model:
-  """Loads a llama-architecture GGUF file as float32 params, its config and its tokenizer.
+def load_gguf(path: str | os.PathLike, source: Optional[str] = None, *, dtype=None,
+              mesh=None) -> Model:
+  """Loads a llama-architecture GGUF file as params, its config and its tokenizer.
 
   Args:
     path: a ``.gguf`` file written by llama.cpp's converter (any quantisation gguf-py can
       dequantise).
     source: what to record as `Model.source` (default: the path).
+    dtype: the params' dtype (default float32; see `prunerep_jax.load`). Tensors are always
+      dequantised to float32 first, then cast leaf by leaf.
+    mesh: None or a ("data", "model") mesh: each leaf is placed on its sharding.
 
   Returns:
-    `Model` with params in the `prunerep_jax.layout` pytree (jnp float32 arrays) and a
+    `Model` with params in the `prunerep_jax.layout` pytree (JAX arrays of `dtype`) and a
     `transformers.PreTrainedTokenizerFast` built from the file's metadata.
 
   Raises:
@@ -78,6 +83,8 @@ def load_gguf(path: str | os.PathLike, source: Optional[str] = None) -> Model:
       key or tensor.
   """
   path = os.fspath(path)
+  dtype = loading.resolve_dtype("load_gguf", dtype)
+  mesh = parallel.as_mesh("load_gguf", mesh)
   if not os.path.isfile(path):
     raise FileNotFoundError(f"load_gguf(path={path!r}): no such file")
   reader = _open(path)
@@ -90,7 +97,7 @@ def load_gguf(path: str | os.PathLike, source: Optional[str] = None) -> Model:
   loading.check_tokenizer(tokenizer, config, source=path)
   params = _read_params(tensors, config, path)
   layout.check_params(params, config, source=path)
-  params = loading.to_jax(params)
+  params = loading.place(params, config, dtype, mesh)
   loading.check_finite("load_gguf", params,
                        lambda keys, layer: f"{path}: tensor {_gguf_name(keys, layer)}")
   return Model(config=config, params=params, tokenizer=tokenizer, source=source or path)

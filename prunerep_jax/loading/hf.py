@@ -8,7 +8,8 @@ Two steps, each refusing what it does not understand:
   an error: an unhandled rope_scaling, sliding_window or bias flag silently changes the model.
 * `load_hf_dir` reads the safetensors weights by an explicit name mapping, checks each tensor's
   shape against `layout.param_shapes`, transposes linear weights to Flax [in, out] kernels and
-  stacks the L decoder blocks on a leading axis. Weights are converted to float32 JAX arrays.
+  stacks the L decoder blocks on a leading axis. Weights stream tensor by tensor into the
+  requested dtype (float32 by default) and, given a mesh, straight into their sharding.
 
 Missing optional fields take the default the transformers config class uses for that model
 type (e.g. Mistral's sliding_window 4096), so a config.json means here what it means to
@@ -26,9 +27,9 @@ from typing import Any, NamedTuple, Optional
 
 import ml_dtypes
 import numpy as np
-import safetensors
 
 from prunerep_jax import layout
+from prunerep_jax import parallel
 from prunerep_jax.config import Config, RopeScaling
 from prunerep_jax import loading
 from prunerep_jax.loading import Model
@@ -43,7 +44,7 @@ _HARMLESS_FIELDS = frozenset({
     "_name_or_path",
     "architectures",
     "chunk_size_feed_forward",  # only used by models that chunk their MLP; these do not
-    "dtype",  # storage dtype; weights are converted to float32 here
+    "dtype",  # storage dtype; weights are converted to the dtype `load` asks for
     "id2label",
     "initializer_range",
     "is_llama_config",  # nanotron export flag (SmolLM configs)
@@ -354,58 +355,110 @@ def _ignorable(name: str, config: Config) -> bool:
       config.tie_word_embeddings and name == "lm_head.weight")
 
 
-def _safetensors_header(path: str) -> tuple[dict, int]:
-  """(JSON header, offset where the data starts) of a safetensors file.
+# Bytes per element of every safetensors dtype (to check the header's offsets against shapes).
+_ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2,
+             "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+# The float dtypes we read, as NumPy dtypes (NumPy has no bfloat16; ml_dtypes provides it).
+_NUMPY_DTYPES = {"F16": np.dtype("<f2"), "BF16": np.dtype(ml_dtypes.bfloat16),
+                 "F32": np.dtype("<f4"), "F64": np.dtype("<f8")}
 
-  The format is an 8-byte little-endian header length, the JSON header, then the data.
-  """
-  with open(path, "rb") as f:
-    (n,) = struct.unpack("<Q", f.read(8))
-    return json.loads(f.read(n)), 8 + n
+
+class _Entry(NamedTuple):
+  """One tensor of a safetensors file: dtype name, shape, absolute [begin, end) byte range."""
+
+  dtype: str
+  shape: tuple[int, ...]
+  begin: int
+  end: int
 
 
 class _SafetensorsFile:
-  """One open safetensors file; tensors come back as float32 NumPy arrays."""
+  """One safetensors file: the header is parsed and checked on open; tensors are read with plain
+  file reads at the header's offsets, never memory-mapped (mapped pages of the whole file would
+  count in the process's resident memory while the model is loading).
+
+  The format is an 8-byte little-endian header length, the JSON header {name: {"dtype", "shape",
+  "data_offsets": [begin, end]}, "__metadata__": ...} with offsets relative to the data that
+  follows it.
+  """
 
   def __init__(self, path: str):
     self.path = path
-    try:
-      self._file = safetensors.safe_open(path, framework="numpy")
-      self.keys = set(self._file.keys())
-    except Exception as e:  # safetensors raises its own SafetensorError for corrupt files
-      raise ValueError(f"{path}: not a readable safetensors file (truncated or corrupt?): "
-                       f"{e}") from e
-    self._header = None  # (header, data start), parsed only if a BF16 tensor is read
+    self.entries = self._parse_header()
+    self.keys = set(self.entries)
+
+  def _corrupt(self, why: str) -> ValueError:
+    return ValueError(f"{self.path}: not a readable safetensors file (truncated or corrupt?): "
+                      f"{why}")
+
+  def _parse_header(self) -> dict[str, _Entry]:
+    size = os.path.getsize(self.path)
+    with open(self.path, "rb") as f:
+      head = f.read(8)
+      if len(head) < 8:
+        raise self._corrupt(f"the file has {size} bytes, fewer than the 8-byte header length")
+      (n,) = struct.unpack("<Q", head)
+      if 8 + n > size:
+        raise self._corrupt(f"the header claims {n} bytes but the file has {size}")
+      try:
+        header = json.loads(f.read(n))
+      except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise self._corrupt(f"the header is not JSON ({e})") from e
+    if not isinstance(header, dict):
+      raise self._corrupt(f"the header is a {type(header).__name__}, not an object")
+    data_start, data_size = 8 + n, size - 8 - n
+    entries = {}
+    for name, info in header.items():
+      if name == "__metadata__":
+        continue
+      try:
+        dtype, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
+        ok = (dtype in _ITEMSIZE and all(isinstance(d, int) and d >= 0 for d in shape)
+              and isinstance(begin, int) and isinstance(end, int))
+      except (TypeError, KeyError, ValueError):
+        ok = False
+      if not ok:
+        raise self._corrupt(f"tensor {name} has a malformed header entry {info!r}")
+      nbytes = math.prod(shape) * _ITEMSIZE[dtype]
+      if not 0 <= begin <= end or end - begin != nbytes:
+        raise self._corrupt(f"tensor {name} ({dtype}{list(shape)}, {nbytes} bytes) has data "
+                            f"offsets [{begin}, {end}]")
+      if end > data_size:
+        raise self._corrupt(f"tensor {name} ends at data byte {end} but the file holds "
+                            f"{data_size} bytes of data")
+      entries[name] = _Entry(dtype, shape, data_start + begin, data_start + end)
+    return entries
 
   def shape(self, name: str) -> tuple[int, ...]:
-    return tuple(self._file.get_slice(name).get_shape())
+    return self.entries[name].shape
 
-  def get(self, name: str) -> np.ndarray:
-    dtype = self._file.get_slice(name).get_dtype()
+  def check_float(self, name: str) -> None:
+    dtype = self.entries[name].dtype
     if dtype not in _FLOAT_DTYPES:
       raise ValueError(f"{self.path}: tensor {name} has dtype {dtype}; expected one of "
                        f"{_FLOAT_DTYPES}")
-    try:
-      if dtype == "BF16":
-        array = self._get_bf16(name)
-      else:
-        array = self._file.get_tensor(name)
-    except Exception as e:
-      raise ValueError(f"{self.path}: cannot read tensor {name} (dtype {dtype}): {e}") from e
-    return np.asarray(array, dtype=np.float32)
 
-  def _get_bf16(self, name: str) -> np.ndarray:
-    # NumPy has no bfloat16, so safe_open(framework="numpy") refuses it; read the bytes at the
-    # header's offsets as ml_dtypes.bfloat16 instead (safe_open has validated the offsets).
-    if self._header is None:
-      self._header = _safetensors_header(self.path)
-    header, data_start = self._header
-    begin, end = header[name]["data_offsets"]
-    shape = tuple(header[name]["shape"])
-    with open(self.path, "rb") as f:
-      f.seek(data_start + begin)
-      raw = f.read(end - begin)
-    return np.frombuffer(raw, dtype=ml_dtypes.bfloat16).reshape(shape)
+  def numpy_dtype(self, name: str) -> np.dtype:
+    return _NUMPY_DTYPES[self.entries[name].dtype]
+
+  def read(self, name: str, out: Optional[np.ndarray] = None) -> np.ndarray:
+    """The tensor in its file dtype ([out, in] for a Linear weight), read straight into `out`
+    (a C-contiguous array of its shape and file dtype) or a freshly allocated array."""
+    entry = self.entries[name]
+    array = np.empty(entry.shape, self.numpy_dtype(name)) if out is None else out
+    view = memoryview(array.reshape(-1).view(np.uint8))
+    try:
+      with open(self.path, "rb", buffering=0) as f:
+        f.seek(entry.begin)
+        done = 0
+        while done < len(view):
+          got = f.readinto(view[done:])
+          if not got:
+            raise EOFError(f"the file ends {len(view) - done} bytes before the tensor does")
+          done += got
+    except (OSError, EOFError) as e:
+      raise ValueError(f"{self.path}: cannot read tensor {name} (dtype {entry.dtype}): {e}") from e
+    return array
 
 
 def _weight_files(path: str) -> dict[str, Optional[list[str]]]:
@@ -436,18 +489,25 @@ def _weight_files(path: str) -> dict[str, Optional[list[str]]]:
   return files
 
 
-def load_params(path: str, config: Config) -> dict:
-  """Reads the safetensors weights under ``path`` into the layout pytree (float32 JAX arrays).
+class _Source(NamedTuple):
+  """Where one HF tensor is read from and where it goes."""
 
-  Raises:
-    FileNotFoundError: no weights file, or a shard the index lists is absent.
-    ValueError: naming the file and tensor, for corrupt files, unknown, missing, mis-shaped or
-      non-finite tensors.
+  file: _SafetensorsFile
+  name: str
+  layer: Optional[int]
+  transpose: bool
+
+
+def _plan(path: str, config: Config) -> dict[tuple[str, ...], list[_Source]]:
+  """Every layout leaf -> the HF tensors that fill it, all checked before any data is read.
+
+  Raises the loader's errors (missing shard, index/file disagreement, unexpected, duplicated,
+  missing, mis-shaped or non-float tensors), naming the file and tensor.
   """
   names = hf_table(config)
   shapes = layout.param_shapes(config)
-  params: dict = {}
-  file_of: dict[str, str] = {}  # HF tensor name -> the file it came from, for error messages
+  plan: dict[tuple[str, ...], list[_Source]] = {}
+  file_of: dict[str, str] = {}
   for file_path, listed in _weight_files(path).items():
     st = _SafetensorsFile(file_path)
     if listed is not None:
@@ -471,40 +531,109 @@ def load_params(path: str, config: Config) -> dict:
         raise ValueError(f"{file_path}: tensor {name} appears in more than one file")
       file_of[name] = file_path
       leaf_path, layer, transpose = names[name]
-      full_shape = shapes
-      for k in leaf_path:
-        full_shape = full_shape[k]
+      full_shape = _at(shapes, leaf_path)
       one_shape = full_shape[1:] if layer is not None else full_shape
       hf_shape = tuple(reversed(one_shape)) if transpose else tuple(one_shape)
       if st.shape(name) != hf_shape:
         raise ValueError(f"{file_path}: tensor {name} has shape {st.shape(name)}, expected "
                          f"{hf_shape} from {CONFIG_FILE}")
-      array = st.get(name)
-      if transpose:
-        array = array.T
-      node = params
-      for k in leaf_path[:-1]:
-        node = node.setdefault(k, {})
-      if layer is None:
-        node[leaf_path[-1]] = array
-      else:
-        # Fill a preallocated [L, ...] buffer: stacking afterwards would double peak memory.
-        if leaf_path[-1] not in node:
-          node[leaf_path[-1]] = np.empty(full_shape, np.float32)
-        node[leaf_path[-1]][layer] = array
+      st.check_float(name)
+      plan.setdefault(leaf_path, []).append(_Source(st, name, layer, transpose))
   missing = sorted(set(names) - set(file_of))
   if missing:
     raise ValueError(f"{path}: missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''} "
                      f"required by {CONFIG_FILE}")
+  return plan
+
+
+def _at(tree: dict, keys: tuple[str, ...]) -> Any:
+  """The leaf of a layout-structured tree (shapes, shardings) at `keys`."""
+  for k in keys:
+    tree = tree[k]
+  return tree
+
+
+# Bits that are all set in the exponent of Inf and NaN, per float dtype (as unsigned integers).
+_EXPONENT_BITS = {np.dtype(np.float16): (np.uint16, 0x7C00),
+                  np.dtype(ml_dtypes.bfloat16): (np.uint16, 0x7F80),
+                  np.dtype(np.float32): (np.uint32, 0x7F800000),
+                  np.dtype(np.float64): (np.uint64, 0x7FF0000000000000)}
+
+
+def _nonfinite(array: np.ndarray) -> bool:
+  """Whether a float array holds NaN or Inf, read from its bits (integer temporaries of the
+  tensor's size only: checking the loaded model on the device would materialise a flag per
+  weight, a quarter of a bf16 model's size, at once)."""
+  uint, bits = _EXPONENT_BITS[array.dtype]
+  return bool(np.any((array.view(uint) & uint(bits)) == uint(bits)))
+
+
+def _check_finite(src: _Source, stored: np.ndarray, loaded: np.ndarray) -> None:
+  """Refuses a tensor holding NaN or Inf in the file, or values the target dtype overflows."""
+  if not _nonfinite(loaded):
+    return
+  if stored is loaded or _nonfinite(stored):
+    raise ValueError(f"{src.file.path}: tensor {src.name} contains NaN or Inf values; expected "
+                     "finite weights")
+  raise ValueError(f"{src.file.path}: tensor {src.name} holds values beyond the range of "
+                   f"{loaded.dtype}, which become Inf; load the model in float32 (or bfloat16)")
+
+
+def _read_leaf(sources: list[_Source], shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+  """One params leaf (a stacked [L, ...] one or a global one) in `dtype`, filled tensor by
+  tensor: each is read, transposed to [in, out] if a Linear weight and converted while copied
+  into its slot, so at most one file tensor exists besides the leaf. Every slot is checked to be
+  finite as it is filled."""
+  leaf = loading.host_buffer(shape, dtype)
+  for src in sources:
+    slot = leaf if src.layer is None else leaf[src.layer]
+    if not src.transpose and src.file.numpy_dtype(src.name) == dtype:
+      src.file.read(src.name, out=slot)  # norms, biases, the embedding: no copy at all
+      _check_finite(src, slot, slot)
+      continue
+    array = src.file.read(src.name)
+    with np.errstate(over="ignore"):  # an overflow is reported by name just below
+      slot[...] = array.T if src.transpose else array
+    _check_finite(src, array, slot)
+    del array
+  return leaf
+
+
+def load_params(path: str, config: Config, dtype=None, mesh=None) -> dict:
+  """Reads the safetensors weights under ``path`` into the layout pytree of JAX arrays.
+
+  Streams: the whole plan (names, shapes, dtypes) is checked first, then each params leaf is
+  filled tensor by tensor in `dtype` (each tensor checked to be finite on the host as it
+  arrives), placed (on `mesh`'s sharding, if given) and its host buffer released before the next
+  leaf is read.
+
+  Args:
+    path: the model directory.
+    config: its `Config`.
+    dtype: the params' dtype (see `loading.resolve_dtype`; default float32).
+    mesh: None or a ("data", "model") mesh (see `prunerep_jax.parallel`).
+
+  Raises:
+    FileNotFoundError: no weights file, or a shard the index lists is absent.
+    ValueError: naming the file and tensor, for corrupt files, unknown, missing, mis-shaped or
+      non-finite tensors, or values `dtype` cannot hold.
+  """
+  dtype = loading.resolve_dtype("load_params", dtype)
+  mesh = parallel.as_mesh("load_params", mesh)
+  plan = _plan(path, config)
+  shapes = layout.param_shapes(config)
+  shardings = None if mesh is None else parallel.param_shardings(config, mesh)
+  params: dict = {}
+  for leaf_path in layout.flat_shapes(config):
+    keys = tuple(leaf_path.split("/"))
+    leaf = _read_leaf(plan[keys], _at(shapes, keys), dtype)
+    node = params
+    for k in keys[:-1]:
+      node = node.setdefault(k, {})
+    node[keys[-1]] = loading.place_leaf(
+        leaf, None if shardings is None else _at(shardings, keys))
+    del leaf  # the host buffer goes before the next leaf is read (or is the device's, on CPU)
   layout.check_params(params, config, source=path)
-  params = loading.to_jax(params)
-  hf_name = {(leaf_path, layer): name for name, (leaf_path, layer, _) in names.items()}
-
-  def file_tensor(keys: tuple[str, ...], layer) -> str:
-    name = hf_name[(keys, layer if keys[0] == "layers" else None)]
-    return f"{file_of[name]}: tensor {name}"
-
-  loading.check_finite("load_hf_dir", params, file_tensor)
   return params
 
 
@@ -522,15 +651,16 @@ def _load_tokenizer(path: str):
                      f"load them: {e}") from e
 
 
-def load_hf_dir(path: str) -> Model:
+def load_hf_dir(path: str, *, dtype=None, mesh=None) -> Model:
   """Loads a local Hugging Face model directory.
 
   Args:
     path: directory holding config.json, model.safetensors (or model.safetensors.index.json
       and its shards) and optionally tokenizer files.
+    dtype, mesh: the params' dtype (default float32) and placement, as `prunerep_jax.load`.
 
   Returns:
-    `Model` with float32 JAX params in the `prunerep_jax.layout` structure; tokenizer is None
+    `Model` with JAX params of `dtype` in the `prunerep_jax.layout` structure; tokenizer is None
     (with a warning) when the directory has no tokenizer files.
 
   Raises:
@@ -550,5 +680,5 @@ def load_hf_dir(path: str) -> Model:
   config = config_from_hf(d, source=config_path)
   tokenizer = _load_tokenizer(path)
   loading.check_tokenizer(tokenizer, config, source=path)
-  params = load_params(path, config)
+  params = load_params(path, config, dtype, mesh)
   return Model(config=config, params=params, tokenizer=tokenizer, source=path)

@@ -265,14 +265,20 @@ def layer_weights(config: Config, linears) -> np.ndarray:
 
 def dense_act_means(params, config: Config, calib: calibrate.Calibration,
                     batch_size: int) -> dict:
-  """Mean x^2 of every linear-input group on the dense model: {group: [L, I]} float32."""
-  tokens = jnp.asarray(calib.tokens)
-  h = M.embed(params, tokens).astype(M.compute_dtype(params))
-  sums = []
-  for layer_p in calibrate.unstack_layers(params["layers"]):
-    sums.append(calibrate.layer_statistics(layer_p, config, h, "sq_sum", batch_size))
-    h = calibrate.run_block(layer_p, config, h, batch_size)
-  return {g: jnp.stack([s[g] for s in sums]) / tokens.size for g in sums[0]}
+  """Mean x^2 of every linear-input group on the dense model: {group: [L, I]} float32.
+
+  The sequential calibration driver with nothing pruned: each layer's statistics are taken on
+  the outputs of the dense layers before it.
+  """
+  per_layer = []
+
+  def keep(l, layer_p, stats, ntokens):
+    per_layer.append(stats)
+    return layer_p, {}, {}
+
+  calibrate.sequential(params, config, calib, "sq_sum", keep, batch_size=batch_size,
+                       method="allocate")
+  return {g: jnp.stack([s[g] for s in per_layer]) / calib.tokens.size for g in per_layer[0]}
 
 
 def _wanda_scores(w, act):

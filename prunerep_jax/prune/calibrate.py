@@ -4,10 +4,12 @@ structured neuron pruning.
 Sequential, as in the published algorithms: layer l collects its statistics on the outputs of the
 *already pruned* layers 0..l-1; after layer l is pruned its outputs are recomputed and feed layer
 l+1. Only the current layer's statistics exist at any time; the residual stream of all
-calibration samples ([N, T, D]) is the one large buffer.
+calibration samples ([nb, B, T, D]: the N windows in nb batches of B) is the one large buffer,
+updated in place layer after layer.
 
 Statistics are plain sums in float32 with HIGHEST matmul precision, accumulated over batches of
-samples inside one jitted function per (shape, statistic kind):
+samples inside one jitted call per layer (one compilation per shape and statistic kind); on a
+mesh the batches are split over the data axis and XLA sums the per-device parts:
   "sq_sum":  per input group, sum_t x_t^2 [I]        (Wanda's mean x^2 = sq_sum / n; neurons)
   "hessian": per input group, sum_t x_t x_t^T [I, I] (SparseGPT's H = 2 * hessian / n)
 Inputs of the seven linears come in four groups, since q/k/v and gate/up read the same input.
@@ -25,8 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from prunerep_jax import batching
 from prunerep_jax import model as M
+from prunerep_jax import parallel
 from prunerep_jax import validate
 from prunerep_jax.config import Config
 
@@ -114,46 +116,56 @@ def _block_with_inputs(layer_p, config: Config, h: Array):
   return out.h_out, out.inputs
 
 
-@functools.partial(jax.jit, static_argnums=(1, 5))
-def _accumulate(layer_p, config, h, weight, stats, kind):
-  """Adds this batch's statistics; rows with weight 0 (batch padding) add exactly zero."""
-  _, inputs = _block_with_inputs(layer_p, config, h)
-  new = {}
-  for group, x in inputs.items():
-    x = x.astype(jnp.float32) * weight[:, None, None]
-    x = x.reshape(-1, x.shape[-1])
-    if kind == "sq_sum":
-      new[group] = stats[group] + jnp.sum(x * x, axis=0)
-    else:
-      new[group] = stats[group] + jnp.matmul(x.T, x, precision=jax.lax.Precision.HIGHEST)
-  return new
-
-
-@functools.partial(jax.jit, static_argnums=(1,))
-def _run_block(layer_p, config, h):
-  ctx = M.prompt_context(config, jnp.ones(h.shape[:2], bool))
-  return M.block(layer_p, config, h, ctx).h_out
-
-
 def _group_dims(config: Config) -> dict[str, int]:
   return {"attn_in": config.hidden_size, "o_in": config.q_size, "mlp_in": config.hidden_size,
           "down_in": config.intermediate_size}
 
 
-def layer_statistics(layer_p, config: Config, h: Array, kind: str, batch_size: int) -> dict:
-  """Sums of the chosen statistic for each input group over all samples of h [N, T, D]."""
+@functools.partial(jax.jit, static_argnums=(1, 4))
+def layer_statistics(layer_p, config: Config, h: Array, weight: Array, kind: str) -> dict:
+  """Sums of the chosen statistic for each input group over every calibration row.
+
+  Args:
+    layer_p: one layer's params (no L axis).
+    h: [nb, B, T, D] the residual stream entering the layer, in nb batches of B rows.
+    weight: [nb, B] float32, 1 for real rows and 0 for padding (which adds exactly zero).
+    kind: "sq_sum" ({group: [I]}) or "hessian" ({group: [I, I]}).
+
+  One call runs every batch (a `fori_loop`), so a layer costs one dispatch. With h split over
+  the data axis of a mesh, each device sums its rows and XLA adds the partial sums (all-reduce).
+  """
   dims = _group_dims(config)
   shape = (lambda d: (d,)) if kind == "sq_sum" else (lambda d: (d, d))
   stats = {g: jnp.zeros(shape(d), jnp.float32) for g, d in dims.items()}
-  for b in batching.batches(h.shape[0], batch_size):
-    stats = _accumulate(layer_p, config, h[b.rows], jnp.asarray(b.weight), stats, kind)
-  return stats
+
+  def body(i, stats):
+    _, inputs = _block_with_inputs(layer_p, config, h[i])
+    new = {}
+    for group, x in inputs.items():
+      x = x.astype(jnp.float32) * weight[i][:, None, None]
+      x = x.reshape(-1, x.shape[-1])
+      if kind == "sq_sum":
+        new[group] = stats[group] + jnp.sum(x * x, axis=0)
+      else:
+        new[group] = stats[group] + jnp.matmul(x.T, x, precision=jax.lax.Precision.HIGHEST)
+    return new
+
+  return jax.lax.fori_loop(0, h.shape[0], body, stats)
 
 
-def run_block(layer_p, config: Config, h: Array, batch_size: int) -> Array:
-  """h [N, T, D] through one block, in batches."""
-  return jnp.concatenate([_run_block(layer_p, config, h[b.rows])[:b.real]
-                          for b in batching.batches(h.shape[0], batch_size)], axis=0)
+@functools.partial(jax.jit, static_argnums=(1,), donate_argnums=(2,))
+def run_block(layer_p, config: Config, h: Array) -> Array:
+  """h [nb, B, T, D] through one block, batch by batch, in place (h is donated: the caller's
+  array is consumed and the result reuses its memory)."""
+  ctx = M.prompt_context(config, jnp.ones(h.shape[1:3], bool))
+  return jax.lax.fori_loop(0, h.shape[0],
+                           lambda i, h: h.at[i].set(M.block(layer_p, config, h[i], ctx).h_out), h)
+
+
+@functools.partial(jax.jit, static_argnums=(2,))
+def _embed_batches(params, tokens: Array, dtype) -> Array:
+  """tokens [nb, B, T] -> the residual stream entering layer 0, [nb, B, T, D]."""
+  return M.embed(params, tokens).astype(dtype)
 
 
 def unstack_layers(layer_params) -> list:
@@ -171,7 +183,8 @@ LayerFn = Callable[[int, Any, dict, int], tuple[Any, dict, dict]]
 
 
 def sequential(params, config: Config, calib: Calibration, kind: Optional[str],
-               prune_layer: LayerFn, *, batch_size: int = 8, method: str = "prune"):
+               prune_layer: LayerFn, *, batch_size: int = 8, method: str = "prune",
+               mesh=None):
   """Prunes layer after layer on the outputs of the already pruned ones.
 
   Args:
@@ -181,7 +194,13 @@ def sequential(params, config: Config, calib: Calibration, kind: Optional[str],
     kind: statistic to collect per layer ("sq_sum" or "hessian").
     prune_layer: (layer index, layer params, stats, ntokens) -> (new layer params,
       per-linear masks {(sub, name): [I, O] bool}, per-layer report dict).
-    batch_size: calibration samples per jitted step.
+    batch_size: calibration samples per batch (rounded up to a multiple of the data axis).
+    mesh: None, or a ("data", "model") mesh (or spec, see `prunerep_jax.parallel`): params are
+      placed by `parallel.shard_params`, the calibration rows are split over the data axis and
+      their statistics summed across it; the returned params stay placed on the mesh.
+
+  The residual stream of every calibration row is kept as [nb, B, T, D] (nb batches of B rows,
+  the last padded with copies of a real row at weight 0), split over the data axis along B.
 
   Returns:
     (new params, per-layer list of masks, per-layer list of reports, timings dict).
@@ -191,16 +210,26 @@ def sequential(params, config: Config, calib: Calibration, kind: Optional[str],
   if not isinstance(calib, Calibration):
     raise validate.fail("sequential", "calib", calib, "a Calibration (see as_calibration)",
                         error=TypeError)
+  mesh = parallel.as_mesh(method, mesh)
   t_start = time.perf_counter()
-  tokens = jnp.asarray(calib.tokens)
-  ntokens = int(tokens.size)
-  h = M.embed(params, tokens).astype(M.compute_dtype(params))
+  plan = list(parallel.batches(calib.tokens.shape[0], batch_size, mesh))
+  rows = np.stack([b.rows for b in plan])  # [nb, B]
+  weight = np.stack([b.weight for b in plan])  # [nb, B]
+  tokens = calib.tokens[rows]  # [nb, B, T]
+  if mesh is not None:  # rows of every batch split over the data axis: [nb, B/data, ...]
+    params = parallel.shard_params(params, config, mesh)
+    rows_split = parallel.batch_sharding(mesh, axis=1)
+    tokens, weight = jax.device_put(tokens, rows_split), jax.device_put(weight, rows_split)
+  ntokens = int(calib.tokens.size)
+  h = _embed_batches(params, tokens, M.compute_dtype(params))
+  if mesh is not None:
+    h = jax.device_put(h, rows_split)
   layers = unstack_layers(params["layers"])
   masks, reports = [], []
   t_stats = t_prune = 0.0
   for l, layer_p in enumerate(layers):
     t0 = time.perf_counter()
-    stats = layer_statistics(layer_p, config, h, kind, batch_size)
+    stats = layer_statistics(layer_p, config, h, weight, kind)
     bad = validate.first_nonfinite(stats)
     if bad is not None:
       raise ValueError(f"{method}: calibration statistics of layer {l} ({bad}, kind={kind}) "
@@ -209,7 +238,8 @@ def sequential(params, config: Config, calib: Calibration, kind: Optional[str],
     t1 = time.perf_counter()
     layers[l], layer_masks, rep = prune_layer(l, layer_p, stats, ntokens)
     t2 = time.perf_counter()
-    h = run_block(layers[l], config, h, batch_size)
+    if l + 1 < len(layers):  # the last layer's outputs feed nothing
+      h = run_block(layers[l], config, h)
     t_stats += t1 - t0 + (time.perf_counter() - t2)
     t_prune += t2 - t1
     masks.append(layer_masks)

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from prunerep_jax import parallel
 from prunerep_jax import validate
 from prunerep_jax.prune import linears as lin
 from prunerep_jax.prune import patterns
@@ -54,13 +55,16 @@ def magnitude_mask(w: jax.Array, pattern: patterns.Pattern) -> jax.Array:
   return score > threshold[..., None, None]
 
 
-def magnitude(params, config, pattern=0.5, *, include=None):
+def magnitude(params, config, pattern=0.5, *, include=None, mesh=None):
   """Magnitude pruning of every selected block linear; needs no calibration.
 
   Args:
     params, config: the dense model (params are not modified).
     pattern: sparsity in [0, 1) (per-matrix threshold), "n:m", or a patterns value.
     include: fnmatch patterns over "attn/q_proj"-style names (default: all seven linears).
+    mesh: None, a ("data", "model") mesh or a spec such as "model:4" (`prunerep_jax.parallel`):
+      the params are placed on it (`parallel.shard_params`) and pruned where they lie; the
+      result stays placed on the mesh.
 
   Returns:
     PruneResult; report holds per-matrix / per-layer sparsity and timings.
@@ -71,6 +75,9 @@ def magnitude(params, config, pattern=0.5, *, include=None):
   chosen = lin.select(include, "magnitude")
   validate.params("magnitude", params, config, finite=True)
   lin.check_nm_divides(pattern, config, chosen, "magnitude")
+  mesh = parallel.as_mesh("magnitude", mesh)
+  if mesh is not None:
+    params = parallel.shard_params(params, config, mesh)
   new_layers = jax.tree_util.tree_map(lambda x: x, params["layers"])
   masks = {"layers": {}}
   for sub, name in chosen:

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from prunerep_jax import parallel
 from prunerep_jax import validate
 from prunerep_jax.prune import calibrate
 from prunerep_jax.prune import patterns
@@ -117,7 +118,7 @@ def remove_neurons(w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array, keep):
 
 
 def neurons(params, config, sparsity: float = 0.5, *, calibration=None, remove: bool = True,
-            batch_size: int = 8) -> PruneResult:
+            batch_size: int = 8, mesh=None) -> PruneResult:
   """Structured MLP pruning: removes the lowest-scoring intermediate channels of every layer.
 
   Scored sequentially (layer l on the outputs of the already pruned layers 0..l-1) by
@@ -129,7 +130,10 @@ def neurons(params, config, sparsity: float = 0.5, *, calibration=None, remove: 
     calibration: a `Calibration` or int tokens [N, T].
     remove: shrink the kernels (config.intermediate_size becomes the kept count) or, if False,
       zero the dropped channels and keep every shape.
-    batch_size: calibration samples per jitted step.
+    batch_size: calibration samples per batch.
+    mesh: None, a ("data", "model") mesh or a spec such as "data:4" (`prunerep_jax.parallel`):
+      params are placed on it and the calibration batches split over its data axis (statistics
+      summed across it); the pruned params come back placed on the mesh.
 
   Returns:
     PruneResult; masks["layers"]["mlp"]["channels"] is the [L, F] keep-mask of channels.
@@ -141,6 +145,7 @@ def neurons(params, config, sparsity: float = 0.5, *, calibration=None, remove: 
   batch_size = validate.integer("neurons", "batch_size", batch_size, minimum=1)
   validate.params("neurons", params, config, finite=True)
   calib = calibrate.as_calibration(calibration, config, "neurons")
+  mesh = parallel.as_mesh("neurons", mesh)
   if sparsity == 0.0:
     keep = jnp.ones((config.num_layers, config.intermediate_size), bool)
     report = {"method": "neurons", "sparsity": 0.0, "calibration": None, "kept_channels":
@@ -162,7 +167,8 @@ def neurons(params, config, sparsity: float = 0.5, *, calibration=None, remove: 
     return dict(layer_p, mlp=new_mlp), keep, {}
 
   new_params, keeps, _, timings = calibrate.sequential(
-      params, config, calib, "sq_sum", prune_layer, batch_size=batch_size, method="neurons")
+      params, config, calib, "sq_sum", prune_layer, batch_size=batch_size, method="neurons",
+      mesh=mesh)
   keep = jnp.stack(keeps)  # [L, F]
   new_config = config
   if remove:

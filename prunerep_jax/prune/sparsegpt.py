@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from prunerep_jax import parallel
 from prunerep_jax import validate
 from prunerep_jax.prune import allocate
 from prunerep_jax.prune import calibrate
@@ -222,7 +223,8 @@ def sparsegpt_prune(w: jax.Array, hessian: jax.Array, pattern: patterns.Pattern,
 
 
 def sparsegpt(params, config, pattern=0.5, *, calibration=None, blocksize: int = 128,
-              percdamp: float = 0.01, include=None, allocation=None, batch_size: int = 8):
+              percdamp: float = 0.01, include=None, allocation=None, batch_size: int = 8,
+              mesh=None):
   """SparseGPT on every selected block linear, layer by layer on the already pruned prefix.
 
   Args:
@@ -233,7 +235,10 @@ def sparsegpt(params, config, pattern=0.5, *, calibration=None, blocksize: int =
     include: fnmatch patterns over "attn/q_proj"-style names (default: all seven linears).
     allocation: per-layer sparsities for an unstructured target, as in `wanda` (the KL curves
       use Wanda masks, SparseGPT's diagonal approximation; see `prune.allocate`).
-    batch_size: calibration samples per jitted step.
+    batch_size: calibration samples per batch.
+    mesh: None, a ("data", "model") mesh or a spec such as "data:4" (`prunerep_jax.parallel`):
+      params are placed on it and the calibration batches split over its data axis (statistics
+      summed across it); the pruned params come back placed on the mesh.
   """
 
   t0 = time.perf_counter()
@@ -249,6 +254,7 @@ def sparsegpt(params, config, pattern=0.5, *, calibration=None, blocksize: int =
   validate.params("sparsegpt", params, config, finite=True)
   lin.check_nm_divides(pattern, config, chosen, "sparsegpt")
   calib = calibrate.as_calibration(calibration, config, "sparsegpt")
+  mesh = parallel.as_mesh("sparsegpt", mesh)
   per_layer, allocated = allocate.resolve(allocation, params, config, pattern, calib, chosen,
                                           batch_size=batch_size, method="sparsegpt")
 
@@ -266,7 +272,8 @@ def sparsegpt(params, config, pattern=0.5, *, calibration=None, blocksize: int =
     return layer_p, masks, {}
 
   new_params, per_layer, _, timings = calibrate.sequential(
-      params, config, calib, "hessian", prune_layer, batch_size=batch_size, method="sparsegpt")
+      params, config, calib, "hessian", prune_layer, batch_size=batch_size, method="sparsegpt",
+      mesh=mesh)
   masks = lin.masks_tree(per_layer, chosen)
   report = {"method": "sparsegpt",
             "pattern": str(pattern) if isinstance(pattern, patterns.NM) else pattern.sparsity,

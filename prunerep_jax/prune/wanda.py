@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from prunerep_jax import parallel
 from prunerep_jax import validate
 from prunerep_jax.prune import allocate
 from prunerep_jax.prune import calibrate
@@ -159,7 +160,7 @@ def wanda_mask(w: jax.Array, act_sq_mean: jax.Array, pattern: patterns.Pattern, 
 
 
 def wanda(params, config, pattern=0.5, *, calibration=None, use_variant: bool = False,
-          include=None, allocation=None, batch_size: int = 8):
+          include=None, allocation=None, batch_size: int = 8, mesh=None):
   """Wanda: prune by |W| * sqrt(mean x^2), compared within each output, layer by layer.
 
   Args:
@@ -172,7 +173,10 @@ def wanda(params, config, pattern=0.5, *, calibration=None, use_variant: bool = 
     allocation: per-layer sparsities for an unstructured target (`prune.allocate`): None (every
       layer at the target), "kl" / allocate.KL(...), "owl" / allocate.OWL(...), or L sparsities
       whose weighted mean is the target; reported in report["allocation"].
-    batch_size: calibration samples per jitted step.
+    batch_size: calibration samples per batch.
+    mesh: None, a ("data", "model") mesh or a spec such as "data:4" (`prunerep_jax.parallel`):
+      params are placed on it and the calibration batches split over its data axis (statistics
+      summed across it); the pruned params come back placed on the mesh.
   """
 
   t0 = time.perf_counter()
@@ -187,6 +191,7 @@ def wanda(params, config, pattern=0.5, *, calibration=None, use_variant: bool = 
   validate.params("wanda", params, config, finite=True)
   lin.check_nm_divides(pattern, config, chosen, "wanda")
   calib = calibrate.as_calibration(calibration, config, "wanda")
+  mesh = parallel.as_mesh("wanda", mesh)
   per_layer, allocated = allocate.resolve(allocation, params, config, pattern, calib, chosen,
                                           batch_size=batch_size, method="wanda")
   alphas = {}
@@ -208,7 +213,8 @@ def wanda(params, config, pattern=0.5, *, calibration=None, use_variant: bool = 
     return layer_p, masks, {}
 
   new_params, per_layer, _, timings = calibrate.sequential(
-      params, config, calib, "sq_sum", prune_layer, batch_size=batch_size, method="wanda")
+      params, config, calib, "sq_sum", prune_layer, batch_size=batch_size, method="wanda",
+      mesh=mesh)
   masks = lin.masks_tree(per_layer, chosen)
   report = {"method": "wanda", "variant": "cumulative_threshold" if use_variant else "per_output",
             "pattern": str(pattern) if isinstance(pattern, patterns.NM) else pattern.sparsity,

@@ -19,6 +19,7 @@ import numpy as np
 
 from prunerep_jax import batching
 from prunerep_jax import metrics
+from prunerep_jax import parallel
 from prunerep_jax import validate
 from prunerep_jax.config import Config
 from prunerep_jax.model import forward, lm_head
@@ -64,7 +65,24 @@ def _check_tokens(fn: str, tokens: Any, vocab_size: int, min_positions: int) -> 
   return tokens
 
 
-def perplexity(params, config: Config, tokens, batch_size: int = 8) -> dict:
+def _row_sums(step, tokens: np.ndarray, batch_size: int, mesh) -> list[np.ndarray]:
+  """step(tokens [B, T]) -> tuple of [B] per-row sums, over every batch of the windows.
+
+  Returns each sum for the real windows only, [W] float64 on the host (on every host of a
+  multi-host mesh). On a mesh every batch is a multiple of the data axis and split over it;
+  the padding rows are dropped before anything is added.
+  """
+  launched = []  # every batch is dispatched before any result is read: the device never waits
+  for b in parallel.batches(tokens.shape[0], batch_size, mesh):
+    batch = jnp.asarray(tokens[b.rows]) if mesh is None else parallel.shard_batch(
+        tokens[b.rows], mesh)[0]
+    launched.append((step(batch), b.real))
+  parts = [[np.asarray(x, np.float64)[:real] for x in parallel.fetch(sums)]
+           for sums, real in launched]
+  return [np.concatenate(sums) for sums in zip(*parts)]
+
+
+def perplexity(params, config: Config, tokens, batch_size: int = 8, *, mesh=None) -> dict:
   """Perplexity of a model on token windows (each window scored on its own).
 
   Args:
@@ -73,6 +91,8 @@ def perplexity(params, config: Config, tokens, batch_size: int = 8) -> dict:
     tokens: int [W, T] windows, e.g. from `prunerep_jax.data.heldout_tokens`; every position but
       the first of each window is predicted from the ones before it.
     batch_size: windows per forward pass.
+    mesh: None, a ("data", "model") mesh or a spec such as "data:4" (`prunerep_jax.parallel`):
+      params placed on it, each batch (rounded up to a multiple of the data axis) split over it.
 
   Returns:
     {"ppl": exp(nll), "nll": mean negative log-likelihood per predicted token (nats),
@@ -82,19 +102,20 @@ def perplexity(params, config: Config, tokens, batch_size: int = 8) -> dict:
   validate.params(fn, params, config)
   tokens = _check_tokens(fn, tokens, config.vocab_size, min_positions=2)
   batch_size = validate.integer(fn, "batch_size", batch_size, minimum=1)
-  sums = []
-  chunk = batching.chunk_size(batching.batch_size_for(tokens.shape[0], batch_size),
-                              tokens.shape[1] - 1, config.vocab_size)
-  for b in batching.batches(tokens.shape[0], batch_size):
-    sums.append((_nll_row_sums(params, config, jnp.asarray(tokens[b.rows]), chunk), b.real))
-  total = sum(np.asarray(s, np.float64)[:real].sum() for s, real in sums)
+  mesh = parallel.as_mesh(fn, mesh)
+  if mesh is not None:
+    params = parallel.shard_params(params, config, mesh)
+  chunk = batching.chunk_size(_rows(tokens, batch_size, mesh), tokens.shape[1] - 1,
+                              config.vocab_size)
+  (nll_sums,) = _row_sums(lambda t: (_nll_row_sums(params, config, t, chunk),), tokens,
+                          batch_size, mesh)
   count = tokens.shape[0] * (tokens.shape[1] - 1)
-  nll = float(total / count)
+  nll = float(nll_sums.sum() / count)
   return {"ppl": float(np.exp(nll)), "nll": nll, "tokens": int(count)}
 
 
 def next_token_kl(params_dense, params_pruned, config_dense: Config, config_pruned: Config,
-                  tokens, batch_size: int = 8) -> dict:
+                  tokens, batch_size: int = 8, *, mesh=None) -> dict:
   """How far the pruned model's next-token distributions are from the dense model's.
 
   Args:
@@ -103,6 +124,7 @@ def next_token_kl(params_dense, params_pruned, config_dense: Config, config_prun
       must share the vocabulary).
     tokens: int [W, T] windows; every position is compared.
     batch_size: windows per forward pass.
+    mesh: as in `perplexity`; both models are placed on it.
 
   Returns:
     {"kl": mean KL(p_dense || p_pruned) per position (nats), "top1_agreement": fraction of
@@ -118,15 +140,20 @@ def next_token_kl(params_dense, params_pruned, config_dense: Config, config_prun
   validate.params(fn, params_pruned, config_pruned)
   tokens = _check_tokens(fn, tokens, config_dense.vocab_size, min_positions=1)
   batch_size = validate.integer(fn, "batch_size", batch_size, minimum=1)
-  sums = []
-  chunk = batching.chunk_size(batching.batch_size_for(tokens.shape[0], batch_size),
-                              tokens.shape[1], config_dense.vocab_size)
-  for b in batching.batches(tokens.shape[0], batch_size):
-    kl, agree = _kl_row_sums(params_dense, params_pruned, config_dense, config_pruned,
-                             jnp.asarray(tokens[b.rows]), chunk)
-    sums.append((kl, agree, b.real))
-  kl_total = sum(np.asarray(k, np.float64)[:real].sum() for k, _, real in sums)
-  agree_total = sum(np.asarray(a, np.float64)[:real].sum() for _, a, real in sums)
+  mesh = parallel.as_mesh(fn, mesh)
+  if mesh is not None:
+    params_dense = parallel.shard_params(params_dense, config_dense, mesh)
+    params_pruned = parallel.shard_params(params_pruned, config_pruned, mesh)
+  chunk = batching.chunk_size(_rows(tokens, batch_size, mesh), tokens.shape[1],
+                              config_dense.vocab_size)
+  kl_sums, agree_sums = _row_sums(
+      lambda t: _kl_row_sums(params_dense, params_pruned, config_dense, config_pruned, t, chunk),
+      tokens, batch_size, mesh)
   count = tokens.shape[0] * tokens.shape[1]
-  return {"kl": float(kl_total / count), "top1_agreement": float(agree_total / count),
+  return {"kl": float(kl_sums.sum() / count), "top1_agreement": float(agree_sums.sum() / count),
           "tokens": int(count)}
+
+
+def _rows(tokens: np.ndarray, batch_size: int, mesh) -> int:
+  """Rows of every batch `_row_sums` runs (what sizes the logit chunks)."""
+  return parallel.padded_size(batching.batch_size_for(tokens.shape[0], batch_size), mesh)
