@@ -99,7 +99,7 @@ def bucket_length(n: int) -> int:
 
 
 def token_batches(rows: Sequence[Sequence[int]], batch_size: int, pad_id: int,
-                  max_length: Optional[int] = None) -> Iterator[TokenBatch]:
+                  max_length: Optional[int] = None, multiple_of: int = 1) -> Iterator[TokenBatch]:
   """Fixed-size, left-padded, length-bucketed batches of variable-length token rows.
 
   Rows are sorted longest first and each batch is left-padded to a length bucket (16, 24, 32,
@@ -111,9 +111,10 @@ def token_batches(rows: Sequence[Sequence[int]], batch_size: int, pad_id: int,
     batch_size: B (at most the number of rows is used, so one row never compiles a big batch).
     pad_id: the id written on padding (masked out; any valid id).
     max_length: bucket lengths are capped here (e.g. the room left before the context limit).
+    multiple_of: B is rounded up to a multiple of this (the data axis of a device mesh).
   """
   lengths = np.asarray([len(r) for r in rows])
-  B = min(batch_size, len(rows))
+  B = -(-min(batch_size, len(rows)) // multiple_of) * multiple_of
   order = np.argsort(-lengths, kind="stable")
   for start in range(0, len(rows), B):
     idx = order[start:start + B]

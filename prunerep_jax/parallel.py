@@ -254,6 +254,15 @@ def shard_batch(x: Any, mesh: Mesh) -> tuple[jax.Array, int]:
   return _place(pad_rows(x, padded_size(n, mesh)), batch_sharding(mesh)), n
 
 
+def put_batch(x: Any, mesh: Optional[Mesh], axis: int = 0) -> jax.Array:
+  """x as a device array: without a mesh simply on the default device; with one, its batch axis
+  (already a multiple of the data axis, as `batches` makes it) split over ``data``."""
+  if mesh is None:
+    return jnp.asarray(x)
+  return _place(np.asarray(x) if not isinstance(x, jax.Array) else x,
+                batch_sharding(mesh, axis))
+
+
 def unpad(tree: Any, n: int, axis: int = 0) -> Any:
   """Every leaf of tree cut to its first n entries along `axis` (a no-op where already n)."""
   def cut(x):

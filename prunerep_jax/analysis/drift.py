@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from prunerep_jax import decode, metrics, validate
+from prunerep_jax import decode, metrics, parallel, validate
 from prunerep_jax.analysis.results import Result, summarize
 from prunerep_jax.config import Config
 
@@ -103,7 +103,8 @@ def _drift(dense, pruned, config, pconfig, tokens, mask, seed, steps, mode, samp
 def drift(dense_params, pruned_params, config: Config, prompt_tokens, steps: int, *,
           pruned_config: Optional[Config] = None, mode: str = "both", temperature: float = 0.0,
           analysis_temperature: float = 1.0, seed: int = 0, prompt_mask=None,
-          tokenizer: Any = None, eos_token_ids=None, pad_id: Optional[int] = None) -> Result:
+          tokenizer: Any = None, eos_token_ids=None, pad_id: Optional[int] = None,
+          mesh=None) -> Result:
   """The paper's step-wise drift figure, free-running and teacher-forced, in one scan.
 
   Args:
@@ -118,6 +119,9 @@ def drift(dense_params, pruned_params, config: Config, prompt_tokens, steps: int
     seed: step i of both models samples with fold_in(key(seed), i).
     tokenizer: optional; decodes the trajectories into tables["texts"].
     eos_token_ids, pad_id: as in `generate` (defaults from the config).
+    mesh: None or a ("data", "model") mesh / spec (`prunerep_jax.parallel`): both models are
+      placed on it and the prompts split over its data axis (padded to a multiple of it; the
+      padding never reaches a result).
 
   Returns:
     Result(kind="drift"): arrays "<track>/<metric>" [B, S] for track in free/teacher,
@@ -152,10 +156,16 @@ def drift(dense_params, pruned_params, config: Config, prompt_tokens, steps: int
     pad_id = config.pad_token_id if config.pad_token_id is not None else 0
   stopping = decode.Stopping(tuple(eos), validate.token_id(fn, "pad_id", pad_id,
                                                            config.vocab_size))
+  mesh = parallel.as_mesh(fn, mesh)
   tokens, mask = decode.left_align(jnp.asarray(tokens), jnp.asarray(mask))
+  if mesh is not None:
+    dense_params = parallel.shard_params(dense_params, config, mesh)
+    pruned_params = parallel.shard_params(pruned_params, pconfig, mesh)
+    tokens, _ = parallel.shard_batch(tokens, mesh)
+    mask, _ = parallel.shard_batch(mask, mesh)
   out = _drift(dense_params, pruned_params, config, pconfig, tokens, mask,
                jnp.asarray(seed, jnp.uint32), steps, mode, sampling, stopping, a_temp)
-  out = jax.tree_util.tree_map(np.asarray, out)
+  out = parallel.fetch(parallel.unpad(out, B))
   return _result(out, mode, steps, sampling, a_temp, seed, tokenizer)
 
 

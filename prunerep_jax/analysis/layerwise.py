@@ -33,10 +33,9 @@ import functools
 from typing import Any, Optional
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from prunerep_jax import batching, metrics, validate
+from prunerep_jax import batching, metrics, parallel, validate
 from prunerep_jax import progress as progress_lib
 from prunerep_jax import model as M
 from prunerep_jax.analysis.lens import LENSES, logit_lens
@@ -51,9 +50,10 @@ POSITION_METRICS = ("cos_h", "one_minus_cos_h", "alpha_h", "par_h", "perp_h",
 assert set(POSITION_METRICS) >= set(metrics.LOGIT_COMPARISONS)
 
 
-def pruned_params_of(pruned: Any, config: Config, fn: str) -> Any:
-  """The params of `pruned` (a PruneResult or a params tree) after checking they keep the layer
-  structure the counterfactuals need (same layers and attention shapes; MLP width may differ)."""
+def pruned_params_of(pruned: Any, config: Config, fn: str) -> tuple[Any, Config]:
+  """The params and config of `pruned` (a PruneResult or a params tree) after checking they keep
+  the layer structure the counterfactuals need (same layers and attention shapes; MLP width may
+  differ)."""
   from prunerep_jax.prune.result import PruneResult
 
   if isinstance(pruned, PruneResult):
@@ -71,7 +71,7 @@ def pruned_params_of(pruned: Any, config: Config, fn: str) -> Any:
                                      f"{getattr(pconfig, f)!r}, the dense model's is "
                                      f"{getattr(config, f)!r}; expected the same")
     validate.params(fn, pparams, pconfig)
-    return pparams
+    return pparams, pconfig
   if not isinstance(pruned, dict):
     raise validate.fail(fn, "pruned", pruned, "a PruneResult or a pruned params tree",
                         error=TypeError)
@@ -81,7 +81,7 @@ def pruned_params_of(pruned: Any, config: Config, fn: str) -> Any:
     raise validate.ArgumentError(
         f"{fn}(pruned=...): a params tree must have the dense model's layout ({e}); pass the "
         "PruneResult itself for models whose MLP width changed") from None
-  return pruned
+  return pruned, config
 
 
 def _compare(params, config: Config, x, x_cf, d, lens: str, temperature: float,
@@ -127,7 +127,7 @@ def _layerwise(params, pruned, config, tokens, mask, eval_idx, lens, temperature
 def layerwise(params, config: Config, tokens, pruned, *, lens: str = "final_norm",
               temperature: float = 1.0, decode_steps: int = 0, attention_mask=None,
               batch_size: Optional[int] = None,
-              progress: progress_lib.Progress = None) -> Result:
+              progress: progress_lib.Progress = None, mesh=None) -> Result:
   """The paper's layerwise figure: every sublayer pruned alone, in the dense context.
 
   Args:
@@ -143,6 +143,8 @@ def layerwise(params, config: Config, tokens, pruned, *, lens: str = "final_norm
     attention_mask: [B, T] 0/1, 1 = real token (default all real).
     batch_size: rows per jitted pass (default: all B at once).
     progress: optional callable receiving one line per batch (None: absl INFO logging).
+    mesh: None or a ("data", "model") mesh / spec (`prunerep_jax.parallel`): both models are
+      placed on it and each batch of rows is split over its data axis.
 
   Returns:
     Result(kind="layerwise"): arrays[name] [L, 2, B, P] for every name of POSITION_METRICS (axis 1:
@@ -155,7 +157,11 @@ def layerwise(params, config: Config, tokens, pruned, *, lens: str = "final_norm
   temperature = validate.temperature(fn, temperature, allow_zero=False)
   decode_steps = validate.integer(fn, "decode_steps", decode_steps, minimum=0)
   progress_lib.check_progress(fn, progress)
-  pparams = pruned_params_of(pruned, config, fn)
+  pparams, pconfig = pruned_params_of(pruned, config, fn)
+  mesh = parallel.as_mesh(fn, mesh)
+  if mesh is not None:
+    params = parallel.shard_params(params, config, mesh)
+    pparams = parallel.shard_params(pparams, pconfig, mesh)
   tokens = validate.tokens(fn, tokens, config.vocab_size)
   mask = validate.mask(fn, "attention_mask", attention_mask, tokens.shape)
   B, T = tokens.shape
@@ -163,7 +169,7 @@ def layerwise(params, config: Config, tokens, pruned, *, lens: str = "final_norm
                                                              minimum=1)
   if decode_steps:
     from prunerep_jax import decode
-    gen = decode.generate(params, config, tokens, decode_steps, prompt_mask=mask)
+    gen = decode.generate(params, config, tokens, decode_steps, prompt_mask=mask, mesh=mesh)
     valid = np.asarray(gen.valid)
     tokens = np.concatenate([np.asarray(gen.prompt_tokens), np.asarray(gen.tokens)], axis=1)
     mask = np.concatenate([np.asarray(gen.prompt_mask), valid.astype(np.int32)], axis=1)
@@ -175,14 +181,16 @@ def layerwise(params, config: Config, tokens, pruned, *, lens: str = "final_norm
     eval_idx = np.broadcast_to(np.arange(T, dtype=np.int32), (B, T))
     valid = mask.astype(bool)
   P = eval_idx.shape[1]
-  chunk = batching.chunk_size(batching.batch_size_for(B, batch_size), P, config.vocab_size)
+  chunk = batching.chunk_size(parallel.padded_size(batching.batch_size_for(B, batch_size), mesh),
+                              P, config.vocab_size)
   parts = []
   report = progress_lib.Reporter("layerwise", B, "rows", progress)
-  for b in batching.batches(B, batch_size):
-    attn, mlp = _layerwise(params, pparams, config, jnp.asarray(tokens[b.rows]),
-                           jnp.asarray(mask[b.rows]), jnp.asarray(eval_idx[b.rows]), lens,
-                           temperature, chunk)
-    parts.append({k: np.stack([np.asarray(attn[k]), np.asarray(mlp[k])], axis=1)[:, :, :b.real]
+  for b in parallel.batches(B, batch_size, mesh):
+    attn, mlp = _layerwise(params, pparams, config, parallel.put_batch(tokens[b.rows], mesh),
+                           parallel.put_batch(mask[b.rows], mesh),
+                           parallel.put_batch(eval_idx[b.rows], mesh), lens, temperature, chunk)
+    attn, mlp = parallel.fetch((attn, mlp))
+    parts.append({k: np.stack([attn[k], mlp[k]], axis=1)[:, :, :b.real]
                   for k in POSITION_METRICS})
     report(int(b.rows[b.real - 1]) + 1)
   arrays = {k: np.concatenate([p[k] for p in parts], axis=2) for k in POSITION_METRICS}

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from prunerep_jax import batching, metrics, validate
+from prunerep_jax import batching, metrics, parallel, validate
 from prunerep_jax import progress as progress_lib
 from prunerep_jax import model as M
 from prunerep_jax.analysis.results import Result, summarize
@@ -65,8 +65,8 @@ def option_subspace(dense_params, pruned_params, config: Config, prompt_tokens, 
                     answers=None, prompt_mask=None, pruned_config: Optional[Config] = None,
                     temperature: float = 1.0, batch_size: int = 8,
                     option_labels: Optional[Sequence[str]] = None,
-                    tokenizer: Any = None, progress: Optional[Callable[[str], Any]] = None
-                    ) -> Result:
+                    tokenizer: Any = None, progress: Optional[Callable[[str], Any]] = None,
+                    mesh=None) -> Result:
   """The paper's categorical-token figure, over many multiple-choice items.
 
   Args:
@@ -81,6 +81,8 @@ def option_subspace(dense_params, pruned_params, config: Config, prompt_tokens, 
     option_labels: names of the options for the tables (default "0", "1", ...).
     tokenizer: optional; records the top tokens as text.
     progress: optional callable receiving one line per batch (None: absl INFO logging).
+    mesh: None or a ("data", "model") mesh / spec (`prunerep_jax.parallel`): both models are
+      placed on it and each batch of items split over its data axis.
 
   Returns:
     Result(kind="option_subspace"): per-item arrays (see `_items`), tables "summary" (rates and
@@ -116,10 +118,15 @@ def option_subspace(dense_params, pruned_params, config: Config, prompt_tokens, 
   pad = int(tokens[0][0])
   parts, order = [], []
   report = progress_lib.Reporter("option_subspace", B, "items", progress)
-  for b in batching.token_batches(rows, batch_size, pad, config.max_position_embeddings):
-    out = _items(dense_params, pruned_params, config, pconfig, jnp.asarray(b.tokens),
-                 jnp.asarray(b.mask), jnp.asarray(ids), temperature)
-    parts.append({k: np.asarray(v)[:len(b.rows)] for k, v in out.items()})
+  mesh = parallel.as_mesh(fn, mesh)
+  if mesh is not None:
+    dense_params = parallel.shard_params(dense_params, config, mesh)
+    pruned_params = parallel.shard_params(pruned_params, pconfig, mesh)
+  for b in batching.token_batches(rows, batch_size, pad, config.max_position_embeddings,
+                                  multiple_of=parallel.padded_size(1, mesh)):
+    out = _items(dense_params, pruned_params, config, pconfig, parallel.put_batch(b.tokens, mesh),
+                 parallel.put_batch(b.mask, mesh), jnp.asarray(ids), temperature)
+    parts.append({k: v[:len(b.rows)] for k, v in parallel.fetch(out).items()})
     order.append(b.rows)
     report(sum(len(o) for o in order))
   inverse = np.argsort(np.concatenate(order), kind="stable")

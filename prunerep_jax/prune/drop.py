@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from prunerep_jax import batching
+from prunerep_jax import parallel
 from prunerep_jax import metrics
 from prunerep_jax import model as M
 from prunerep_jax import validate
@@ -67,11 +67,12 @@ def _cos_sums(params, config, tokens, weight, score):
 
 
 def similarity(params, config: Config, calibration, *, score: str = "residual",
-               batch_size: int = 4, method: str = "similarity") -> dict:
+               batch_size: int = 4, method: str = "similarity", mesh=None) -> dict:
   """Mean cosine scores over all calibration tokens.
 
   params are not validated here: the drop transforms check them once at their entry, and call
-  this once per round.
+  this once per round. With a mesh (`prunerep_jax.parallel`), each batch of windows is split over
+  its data axis (place the params on it first, as the drop transforms do).
 
   Returns dict with "attn" [L], "mlp" [L] (sublayer scores of the chosen kind), "block" [L]
   (cos(block input, block output)) and "pair" [L + 1, L + 1] (cos between block inputs).
@@ -80,10 +81,12 @@ def similarity(params, config: Config, calibration, *, score: str = "residual",
   batch_size = validate.integer(method, "batch_size", batch_size, minimum=1)
   calib = calibrate.as_calibration(calibration, config, method)
   tokens = np.asarray(calib.tokens)
+  mesh = parallel.as_mesh(method, mesh)
   sub = pair = 0.0
-  for b in batching.batches(tokens.shape[0], batch_size):
-    s, p = _cos_sums(params, config, jnp.asarray(tokens[b.rows]), jnp.asarray(b.weight), score)
-    sub, pair = sub + s, pair + p
+  for b in parallel.batches(tokens.shape[0], batch_size, mesh):
+    s, p = _cos_sums(params, config, parallel.put_batch(tokens[b.rows], mesh),
+                     parallel.put_batch(b.weight, mesh), score)
+    sub, pair = sub + parallel.fetch(s), pair + parallel.fetch(p)
   n = tokens.size
   sub, pair = np.asarray(sub) / n, np.asarray(pair) / n
   L = config.num_layers
@@ -137,7 +140,7 @@ def _check_kl_at(kl_at, score: str, method: str) -> str:
 
 def drop_sublayers(params, config: Config, n: int, *, kind: str = "attn", calibration=None,
                    iterative: bool = False, score: str = "residual", kl_at: str = "boundary",
-                   batch_size: int = 4) -> PruneResult:
+                   batch_size: int = 4, mesh=None) -> PruneResult:
   """Drops the n most redundant attention and/or MLP sublayers.
 
   Args:
@@ -152,6 +155,8 @@ def drop_sublayers(params, config: Config, n: int, *, kind: str = "attn", calibr
     kl_at: where a KL score is measured: "boundary" (final-norm lens at the sublayer's output)
       or "output" (the model's logits); see `prune.kl_score`.
     batch_size: calibration samples per jitted scoring step.
+    mesh: None or a ("data", "model") mesh / spec (`prunerep_jax.parallel`): the params are placed
+      on it and the scoring batches split over its data axis; the result stays placed.
 
   Returns:
     PruneResult with masks None; report["dropped"] lists {"layer", "sublayer"} in drop order and
@@ -165,6 +170,9 @@ def drop_sublayers(params, config: Config, n: int, *, kind: str = "attn", calibr
   iterative = validate.boolean(method, "iterative", iterative)
   batch_size = validate.integer(method, "batch_size", batch_size, minimum=1)
   validate.params(method, params, config, finite=True)
+  mesh = parallel.as_mesh(method, mesh)
+  if mesh is not None:
+    params = parallel.shard_params(params, config, mesh)
   L = config.num_layers
   kinds = ("attn", "mlp") if kind == "joint" else (kind,)
   n = _check_count(n, L * len(kinds), f"{kind} sublayers", method)
@@ -175,9 +183,10 @@ def drop_sublayers(params, config: Config, n: int, *, kind: str = "attn", calibr
   while len(dropped) < n:
     if score in KL_SCORES:
       sims = kl_score.sublayer_costs(current, config, calib, kinds=kinds, score=score, at=kl_at,
-                                     batch_size=batch_size, method=method)
+                                     batch_size=batch_size, method=method, mesh=mesh)
     else:
-      sims = similarity(current, config, calib, score=score, batch_size=batch_size, method=method)
+      sims = similarity(current, config, calib, score=score, batch_size=batch_size, method=method,
+                        mesh=mesh)
     rounds.append({k: [float(v) for v in sims[k]] for k in kinds})
     # Cheapest removal first (highest cosine, lowest KL); ties: attention, then lower layer.
     sign = 1.0 if score in KL_SCORES else -1.0
@@ -254,7 +263,7 @@ def remove_blocks(params, config: Config, blocks) -> tuple[dict, Config]:
 
 
 def _rank_blocks(params, config: Config, n: int, calib, *, score: str, kl_at: str,
-                 consecutive: bool, iterative: bool, batch_size: int, method: str):
+                 consecutive: bool, iterative: bool, batch_size: int, method: str, mesh=None):
   """The n blocks to drop (cheapest removal first) and the scores behind the choice."""
   L = config.num_layers
   kl = score in KL_SCORES
@@ -263,11 +272,11 @@ def _rank_blocks(params, config: Config, n: int, calib, *, score: str, kl_at: st
 
   def scores(current, window=None):
     if kl:
-      kw = dict(score=score, at=kl_at, batch_size=batch_size, method=method)
+      kw = dict(score=score, at=kl_at, batch_size=batch_size, method=method, mesh=mesh)
       if window:
         return kl_score.window_costs(current, config, calib, window, **kw)
       return kl_score.block_costs(current, config, calib, **kw)
-    sims = similarity(current, config, calib, batch_size=batch_size, method=method)
+    sims = similarity(current, config, calib, batch_size=batch_size, method=method, mesh=mesh)
     if window:
       return [sims["pair"][i, i + window] for i in range(L - window + 1)]
     return sims["block"]
@@ -291,7 +300,7 @@ def _rank_blocks(params, config: Config, n: int, calib, *, score: str, kl_at: st
 
 def drop_blocks(params, config: Config, n: int, *, calibration=None, consecutive: bool = False,
                 score: str = "residual", kl_at: str = "boundary", iterative: bool = False,
-                batch_size: int = 4) -> PruneResult:
+                batch_size: int = 4, mesh=None) -> PruneResult:
   """Drops n whole decoder blocks by Block Influence (ShortGPT).
 
   Args:
@@ -306,6 +315,7 @@ def drop_blocks(params, config: Config, n: int, *, calibration=None, consecutive
     kl_at: where a KL score is measured, "boundary" or "output" (see `prune.kl_score`).
     iterative: drop one block, re-score on the pruned model, repeat (not with consecutive).
     batch_size: calibration samples per jitted scoring step.
+    mesh: None or a ("data", "model") mesh / spec, as in `drop_sublayers`.
 
   Returns:
     PruneResult whose config has num_layers - n layers; masks None.
@@ -321,6 +331,9 @@ def drop_blocks(params, config: Config, n: int, *, calibration=None, consecutive
                         "False with consecutive=True (a window is chosen in one scoring)")
   batch_size = validate.integer(method, "batch_size", batch_size, minimum=1)
   validate.params(method, params, config, finite=True)
+  mesh = parallel.as_mesh(method, mesh)
+  if mesh is not None:
+    params = parallel.shard_params(params, config, mesh)
   L = config.num_layers
   n = _check_count(n, L - 1, "blocks (at least one must remain)", method)
   calib = calibrate.as_calibration(calibration, config, method)
@@ -330,7 +343,7 @@ def drop_blocks(params, config: Config, n: int, *, calibration=None, consecutive
     return PruneResult(params, None, report, config)
   blocks, importance = _rank_blocks(params, config, n, calib, score=score, kl_at=kl_at,
                                     consecutive=consecutive, iterative=iterative,
-                                    batch_size=batch_size, method=method)
+                                    batch_size=batch_size, method=method, mesh=mesh)
   new_params, new_config = remove_blocks(params, config, blocks)
   report = {"method": "drop_blocks", "n": n, "consecutive": consecutive, "score": score,
             **({"kl_at": kl_at} if score in KL_SCORES else {}), "iterative": iterative,

@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from prunerep_jax import batching, metrics, validate
+from prunerep_jax import batching, metrics, parallel, validate
 from prunerep_jax import model as M
 from prunerep_jax.config import Config
 from prunerep_jax.prune import calibrate
@@ -181,7 +181,7 @@ def check_spans(fn: str, spans, num_layers: int) -> list[Span]:
 
 def span_costs(params, config: Config, calibration, spans, *, score: str = "kl",
                at: str = "boundary", temperature: float = 1.0, batch_size: int = 4,
-               method: Optional[str] = None) -> np.ndarray:
+               method: Optional[str] = None, mesh=None) -> np.ndarray:
   """Mean over calibration tokens of the cost of removing each span alone (module docstring).
 
   Args:
@@ -194,6 +194,8 @@ def span_costs(params, config: Config, calibration, spans, *, score: str = "kl",
     temperature: T > 0 of the probability space.
     batch_size: calibration windows per jitted pass.
     method: the public function to name in errors (default "span_costs").
+    mesh: None or a ("data", "model") mesh / spec (`prunerep_jax.parallel`): the params are placed
+      on it and each batch of windows is split over its data axis.
 
   Returns:
     [C] float64 costs in nats, one per span, >= 0.
@@ -206,8 +208,11 @@ def span_costs(params, config: Config, calibration, spans, *, score: str = "kl",
   batch_size = validate.integer(fn, "batch_size", batch_size, minimum=1)
   spans = check_spans(fn, spans, config.num_layers)
   tokens = np.asarray(calibrate.as_calibration(calibration, config, fn).tokens)
+  mesh = parallel.as_mesh(fn, mesh)
+  if mesh is not None:
+    params = parallel.shard_params(params, config, mesh)
   N, T = tokens.shape
-  B = batching.batch_size_for(N, batch_size)
+  B = parallel.padded_size(batching.batch_size_for(N, batch_size), mesh)
   temp = jnp.float32(temperature)
   total = np.zeros(len(spans))
   if at == "boundary":
@@ -216,10 +221,11 @@ def span_costs(params, config: Config, calibration, spans, *, score: str = "kl",
     dense_pos = jnp.asarray([where[b] for _, b in spans], jnp.int32)
     pruned_pos = jnp.asarray([where[a] for a, _ in spans], jnp.int32)
     chunk = batching.chunk_size(B * len(state_idx), T, config.vocab_size)
-    for b in batching.batches(N, batch_size):
-      total += np.asarray(_boundary_sums(params, config, jnp.asarray(tokens[b.rows]),
-                                         jnp.asarray(b.weight), jnp.asarray(state_idx, jnp.int32),
-                                         dense_pos, pruned_pos, score, temp, chunk))
+    for b in parallel.batches(N, batch_size, mesh):
+      total += parallel.fetch(_boundary_sums(
+          params, config, parallel.put_batch(tokens[b.rows], mesh),
+          parallel.put_batch(b.weight, mesh), jnp.asarray(state_idx, jnp.int32), dense_pos,
+          pruned_pos, score, temp, chunk))
   else:
     k = np.arange(2 * config.num_layers)
     cut = np.stack([(k < a) | (k >= b) for a, b in spans])  # [C, 2L]: False = removed
@@ -227,11 +233,12 @@ def span_costs(params, config: Config, calibration, spans, *, score: str = "kl",
     cut = np.concatenate([cut, np.repeat(cut[-1:], -len(spans) % G, axis=0)])  # G divides C
     chunk = batching.chunk_size(B * (G + 1), T, config.vocab_size)
     total = np.zeros(cut.shape[0])
-    for b in batching.batches(N, batch_size):
+    for b in parallel.batches(N, batch_size, mesh):
       for g in range(0, cut.shape[0], G):
         keep = np.concatenate([np.ones((1, k.size), bool), cut[g:g + G]])
-        total[g:g + G] += np.asarray(_output_sums(
-            params, config, jnp.asarray(tokens[b.rows]), jnp.asarray(b.weight),
+        total[g:g + G] += parallel.fetch(_output_sums(
+            params, config, parallel.put_batch(tokens[b.rows], mesh),
+            parallel.put_batch(b.weight, mesh),
             jnp.asarray(keep), score, temp, chunk))
     total = total[:len(spans)]
   return total / tokens.size
@@ -241,7 +248,7 @@ def sublayer_costs(params, config: Config, calibration, *, kinds: Sequence[str] 
                    method: Optional[str] = None, **kwargs) -> dict[str, np.ndarray]:
   """Cost of removing each single sublayer: {"attn": [L], "mlp": [L]} (the kinds asked for).
 
-  kwargs: score, at, temperature, batch_size, as `span_costs`.
+  kwargs: score, at, temperature, batch_size, mesh, as `span_costs`.
   """
   method = method or "sublayer_costs"
   kinds = validate.names(method, "kinds", kinds, ("attn", "mlp"))

@@ -98,6 +98,14 @@ def main(out_path: str) -> None:
   ref["neurons"] = pj.prune.neurons(params, EVEN, 0.5, calibration=calib, batch_size=4)
   ref["magnitude"] = pj.prune.magnitude(params, EVEN, "2:4")
   ref["kl"] = next_token_kl(params, ref["wanda"].params, EVEN, EVEN, windows, batch_size=2)
+  pruned = ref["wanda"].params
+  ref["drift"] = pj.analysis.drift(params, pruned, EVEN, tokens, STEPS, prompt_mask=mask,
+                                   temperature=1.0, seed=3)
+  ref["layerwise"] = pj.analysis.layerwise(params, EVEN, tokens, ref["wanda"],
+                                           attention_mask=mask, batch_size=2)
+  ref["subspace"] = pj.analysis.option_subspace(params, pruned, EVEN, tokens, [1, 2, 3, 4],
+                                                prompt_mask=mask, batch_size=2)
+  ref["drop"] = pj.prune.drop_sublayers(params, EVEN, 2, kind="joint", calibration=calib)
 
   results = {"logits_scale": {"even": float(np.max(np.abs(host(ref["forward"].logits)))),
                              "odd": float(np.max(np.abs(host(ref["forward_odd"].logits))))}}
@@ -156,6 +164,30 @@ def main(out_path: str) -> None:
       kl = next_token_kl(params, wanda.params, EVEN, EVEN, windows, batch_size=2, mesh=mesh)
       r["kl_abs"] = abs(kl["kl"] - ref["kl"]["kl"])
       r["top1_equal"] = kl["top1_agreement"] == ref["kl"]["top1_agreement"]
+    drift = pj.analysis.drift(params, pruned, EVEN, tokens, STEPS, prompt_mask=mask,
+                              temperature=1.0, seed=3, mesh=mesh)
+    r["drift_tokens_equal"] = all(np.array_equal(drift.arrays[k], ref["drift"].arrays[k])
+                                  for k in drift.arrays if k.endswith("tokens"))
+    r["drift_curves_diff"] = max(max_abs(drift.arrays[k], ref["drift"].arrays[k])
+                                 for k in drift.arrays if k.split("/")[-1] in (
+                                     "kl", "kl_estimate", "cos_p", "cos_h", "agree"))
+    if spec == "data:2,model:2":  # the other analyses and drop scoring
+      lw = pj.analysis.layerwise(params, EVEN, tokens, ref["wanda"], attention_mask=mask,
+                                 batch_size=2, mesh=mesh)
+      r["layerwise_diff"] = max(max_abs(lw.arrays[k], ref["layerwise"].arrays[k])
+                                for k in ("cos_h", "cos_z", "cos_p", "kl", "kl_estimate"))
+      sub = pj.analysis.option_subspace(params, pruned, EVEN, tokens, [1, 2, 3, 4],
+                                        prompt_mask=mask, batch_size=2, mesh=mesh)
+      r["subspace_diff"] = max(max_abs(sub.arrays[k], ref["subspace"].arrays[k])
+                               for k in ("kl", "subset_kl", "option_logp_dense"))
+      r["subspace_choice_equal"] = bool(np.array_equal(sub.arrays["option_pruned"],
+                                                       ref["subspace"].arrays["option_pruned"]))
+      drop = pj.prune.drop_sublayers(params, EVEN, 2, kind="joint", calibration=calib, mesh=mesh)
+      r["drop_same_choice"] = drop.report["dropped"] == ref["drop"].report["dropped"]
+      r["drop_scores_diff"] = max(
+          float(np.max(np.abs(np.asarray(drop.report["importance"][k])
+                              - np.asarray(ref["drop"].report["importance"][k]))))
+          for k in ("attn", "mlp"))
     results[spec] = r
     print(spec, r, flush=True)
 

@@ -91,3 +91,17 @@ def test_next_token_kl_matches(results):
   r = results["data:2,model:2"]
   assert r["kl_abs"] <= 1e-6
   assert r["top1_equal"]
+
+
+@pytest.mark.parametrize("mesh", MESHES)
+def test_drift_curves_match_one_device(results, mesh):
+  r = results[mesh]
+  assert r["drift_tokens_equal"]
+  assert r["drift_curves_diff"] <= 1e-5
+
+
+def test_layerwise_subspace_and_drop_scoring_match_one_device(results):
+  r = results["data:2,model:2"]
+  assert r["layerwise_diff"] <= 1e-5
+  assert r["subspace_diff"] <= 1e-5 and r["subspace_choice_equal"]
+  assert r["drop_same_choice"] and r["drop_scores_diff"] <= 1e-5
