@@ -357,7 +357,7 @@ def prune_kwargs(pruning: dict) -> dict:
   return {"n": FLAGS.n, "consecutive": FLAGS.consecutive}
 
 
-def prune_from_flags(prog: str, model, pruning: dict):
+def prune_from_flags(prog: str, model, pruning: dict, mesh=None):
   """Prunes `model` as the flags say (calibration text drawn first); returns the PruneResult.
 
   Calibration text the tokenizer cannot cut into --nsamples windows of --seqlen tokens is refused
@@ -370,6 +370,8 @@ def prune_from_flags(prog: str, model, pruning: dict):
     from prunerep_jax.prune.drop import drop_listed
     return drop_listed(model.params, model.config, pruning["drop"])
   kwargs = prune_kwargs(pruning)
+  if mesh is not None:
+    kwargs["mesh"] = mesh
   if method in CALIBRATED:
     if model.tokenizer is None:
       raise usage(f"{prog}(--model={FLAGS.model!r}): the model has no tokenizer; the "
@@ -682,6 +684,8 @@ def write_run(prog: str, console: Console, checks: Mapping[str, Any], *, overwri
   """
   from prunerep_jax import atomic
 
+  if not writes_files():
+    return checks["out"]
   # Checked again: the directory may have changed while the model was pruned and analysed.
   out = check_out(prog, checks["out"], overwrite=overwrite, outputs=checks["outputs"],
                   owned=owned, model_path=checks["model_path"],
@@ -694,6 +698,61 @@ def write_run(prog: str, console: Console, checks: Mapping[str, Any], *, overwri
                     name="--out")
   write_marker(prog, out, status="complete", outputs=outputs, settings=settings)
   return out
+
+
+# ----------------------------------------------------------------------------- devices
+
+def define_device_flags() -> None:
+  """--mesh, --num_devices, --dtype and the multi-host flags: every launcher has them."""
+  flags.DEFINE_string("mesh", "", "Device mesh 'AXIS:SIZE[,AXIS:SIZE]' over the axes data "
+                      "(batches) and model (the linears' weights), e.g. 'data:4,model:1'; empty: "
+                      "one device. See prunerep_jax.parallel.")
+  flags.DEFINE_integer("num_devices", 0, "Devices the mesh uses (the first N of jax.devices()); "
+                       "0 = all. Only with --mesh.")
+  flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Dtype the weights are loaded "
+                    "in and the model runs in (metrics stay float32); bfloat16 is for "
+                    "accelerators (XLA:CPU runs it slower than float32).")
+  flags.DEFINE_bool("distributed", False, "Multi-host run: call jax.distributed.initialize first "
+                    "(on Cloud TPU and SLURM every argument is detected). Run the same command "
+                    "on every host; only process 0 writes files.")
+  flags.DEFINE_string("coordinator_address", None, "--distributed: 'host:port' of process 0.")
+  flags.DEFINE_integer("num_processes", None, "--distributed: number of processes.")
+  flags.DEFINE_integer("process_id", None, "--distributed: this process's id.")
+
+
+def check_device_flags(prog: str) -> dict:
+  """The pre-load checks of the device flags; returns their values."""
+  from prunerep_jax import parallel, validate
+
+  for name in ("coordinator_address", "num_processes", "process_id"):
+    refuse_without(prog, name, "distributed")
+  refuse_without(prog, "num_devices", "mesh")
+  spec = FLAGS.mesh.strip()
+  if spec:
+    checked(parallel.parse_spec, prog, spec, name="--mesh")
+  checked(validate.integer, prog, "--num_devices", FLAGS.num_devices, minimum=0)
+  return {"mesh": spec, "num_devices": FLAGS.num_devices or None, "dtype": FLAGS.dtype}
+
+
+def start_devices(prog: str, devices: Mapping[str, Any]):
+  """Joins the multi-host run (--distributed) and builds the --mesh; returns it or None."""
+  from prunerep_jax import parallel
+
+  if FLAGS.distributed:
+    checked(parallel.initialize_distributed, FLAGS.coordinator_address, FLAGS.num_processes,
+            FLAGS.process_id)
+  if not devices["mesh"]:
+    return None
+  try:
+    return parallel.make_mesh(devices["mesh"], devices["num_devices"])
+  except ValueError as e:
+    raise usage(f"{prog}(--mesh={devices['mesh']!r}): {e}") from None
+
+
+def writes_files() -> bool:
+  """Only process 0 of a multi-host run writes (every process computes the same results)."""
+  import jax
+  return jax.process_index() == 0
 
 
 # ----------------------------------------------------------------------------- analysis launchers
@@ -716,6 +775,7 @@ def define_analysis_flags(seed_use: str) -> None:
   flags.DEFINE_bool("overwrite", False, "Replace the outputs of an earlier run of this launcher "
                     "in --out (only those; a directory without its run.json is never "
                     "overwritten).")
+  define_device_flags()
 
 
 def define_prompt_flags() -> None:
@@ -739,7 +799,7 @@ def check_analysis_flags(prog: str, *, outputs: Sequence[str], owned: Sequence[s
   """The shared pre-load checks of an analysis launcher (after its own).
 
   Returns:
-    {"pruning", "model_path", "out", "outputs"}.
+    {"pruning", "model_path", "out", "outputs", "devices"}.
   """
   from prunerep_jax import validate
 
@@ -751,7 +811,8 @@ def check_analysis_flags(prog: str, *, outputs: Sequence[str], owned: Sequence[s
                 "written to")
   out = check_out(prog, FLAGS.out, overwrite=FLAGS.overwrite, outputs=outputs, owned=owned,
                   model_path=model_path)
-  return {"pruning": pruning, "model_path": model_path, "out": out, "outputs": tuple(outputs)}
+  return {"pruning": pruning, "model_path": model_path, "out": out, "outputs": tuple(outputs),
+          "devices": check_device_flags(prog)}
 
 
 def result_files(name: str) -> tuple[str, ...]:
@@ -759,12 +820,14 @@ def result_files(name: str) -> tuple[str, ...]:
   return tuple(f"{name}.{ext}" for ext in ("json", "csv", "npz", "png"))
 
 
-def load_model(prog: str, console: Console, checks: Mapping[str, Any]):
-  """Loads --model (a progress stage) and runs the pruning checks that need its config."""
+def load_model(prog: str, console: Console, checks: Mapping[str, Any], mesh=None):
+  """Loads --model in --dtype onto the mesh (a progress stage) and runs the pruning checks that
+  need its config."""
   import prunerep_jax as pj
 
-  with console.stage(f"loading {FLAGS.model}"):
-    model = pj.load(FLAGS.model)
+  with console.stage(f"loading {FLAGS.model} ({FLAGS.dtype}"
+                     + (f", mesh {FLAGS.mesh})" if mesh is not None else ")")):
+    model = pj.load(FLAGS.model, dtype=FLAGS.dtype, mesh=mesh)
   c = model.config
   console.progress(f"model: {c.num_layers} layers, hidden {c.hidden_size}, vocab {c.vocab_size}, "
                    f"context {c.max_position_embeddings}")
@@ -798,12 +861,12 @@ def prompt_batch(prog: str, model, room: int, room_flag: str):
   return texts, tokens, mask
 
 
-def prune_model(prog: str, console: Console, model, pruning: dict):
+def prune_model(prog: str, console: Console, model, pruning: dict, mesh=None):
   """The pruning the flags describe, as a progress stage; returns the PruneResult."""
   label = ("--drop=" + ",".join(FLAGS.drop) if pruning["method"] == DROP_LISTED
            else f"--method={pruning['method']}")
   with console.stage(f"pruning ({label})"):
-    result = prune_from_flags(prog, model, pruning)
+    result = prune_from_flags(prog, model, pruning, mesh)
   console.progress(f"pruned: {pruning_line(result.report)}")
   return result
 

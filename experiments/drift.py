@@ -133,17 +133,18 @@ def main(argv):
 
   from prunerep_jax import analysis, plots
 
-  model = _common.load_model(PROG, console, checks)
+  mesh = _common.start_devices(PROG, checks["devices"])
+  model = _common.load_model(PROG, console, checks, mesh)
   texts, tokens, mask = _common.prompt_batch(PROG, model, checks["steps"], "--steps")
   console.progress(f"{len(texts)} prompts, {int(mask.sum())} tokens (longest {tokens.shape[1]})")
-  pruned = _common.prune_model(PROG, console, model, checks["pruning"])
+  pruned = _common.prune_model(PROG, console, model, checks["pruning"], mesh)
   with console.stage(f"drift: {checks['steps']} steps x {len(texts)} prompts, mode={FLAGS.mode} "
                      "(one jitted scan)"):
     result = analysis.drift(model.params, pruned.params, model.config, tokens, checks["steps"],
                             pruned_config=pruned.config, mode=FLAGS.mode,
                             temperature=checks["temperature"],
                             analysis_temperature=checks["analysis_temperature"], seed=FLAGS.seed,
-                            prompt_mask=mask, tokenizer=model.tokenizer)
+                            prompt_mask=mask, tokenizer=model.tokenizer, mesh=mesh)
   result = _common.annotate(result, pruned.report)
   theorem = analysis.theorem_check(result)
   console.show(summary(result, theorem, texts) + "\n")

@@ -134,11 +134,12 @@ def main(argv):
 
   from prunerep_jax import analysis, plots
 
-  model = _common.load_model(PROG, console, checks)
+  mesh = _common.start_devices(PROG, checks["devices"])
+  model = _common.load_model(PROG, console, checks, mesh)
   texts, tokens, mask = _common.prompt_batch(PROG, model, checks["decode_steps"],
                                              "--decode_steps")
   console.progress(f"{len(texts)} prompts, {int(mask.sum())} tokens (longest {tokens.shape[1]})")
-  result = _common.prune_model(PROG, console, model, checks["pruning"])
+  result = _common.prune_model(PROG, console, model, checks["pruning"], mesh)
 
   done = {}
   console.progress(f"layerwise: {len(checks['sets'])} sets ("
@@ -147,7 +148,7 @@ def main(argv):
   for i, (name, lens, steps) in enumerate(checks["sets"], 1):
     lw = analysis.layerwise(model.params, model.config, tokens, result, lens=lens,
                             temperature=checks["temperature"], decode_steps=steps,
-                            attention_mask=mask)
+                            attention_mask=mask, mesh=mesh)
     lw = _common.annotate(lw, result.report)
     done[name] = (lw, analysis.theorem_check(lw))
     report(i, name)

@@ -30,11 +30,12 @@ flags.DEFINE_float("temperature", 1.0, "Temperature of the probability space ana
 flags.DEFINE_enum("lens", "final_norm", ["final_norm", "raw"],
                   "How logits are read off intermediate states: through the final norm (the "
                   "model's own path) or raw (the reference code's choice).")
+_common.define_device_flags()
 FLAGS = flags.FLAGS
 
 
-def check_flags(argv) -> float:
-  """Checks every flag without loading the model; returns the temperature as a float.
+def check_flags(argv) -> tuple[float, dict]:
+  """Checks every flag without loading the model; returns (the temperature, the device flags).
 
   Raises:
     app.UsageError: naming the flag, its value and what was expected.
@@ -48,18 +49,19 @@ def check_flags(argv) -> float:
   temperature = _common.checked(validate.temperature, PROG, FLAGS.temperature, allow_zero=False,
                                 name="--temperature")
   _common.model_flag(PROG, FLAGS.model)
-  return temperature
+  return temperature, _common.check_device_flags(PROG)
 
 
 def main(argv):
-  temperature = check_flags(argv)
+  temperature, devices = check_flags(argv)
 
   import numpy as np
   import jax.numpy as jnp
   import prunerep_jax as pj
   from prunerep_jax.loading import tokenizer as tok_lib
 
-  model = pj.load(FLAGS.model)
+  mesh = _common.start_devices(PROG, devices)
+  model = pj.load(FLAGS.model, dtype=FLAGS.dtype, mesh=mesh)
   if model.tokenizer is None:
     raise _common.usage(f"{PROG}(--model={FLAGS.model!r}): the model has no tokenizer; the "
                         "prompt cannot be encoded")
@@ -70,14 +72,14 @@ def main(argv):
                         f"{len(prompt)} tokens and the model's context window is {context}; "
                         f"expected at most {max(context - len(prompt), 0)}")
   gen = pj.generate(model.params, model.config, np.asarray([prompt], np.int32),
-                    FLAGS.max_new_tokens)
+                    FLAGS.max_new_tokens, mesh=mesh)
   n = int(gen.lengths[0])
   answer = model.tokenizer.decode(np.asarray(gen.tokens[0, :n]), skip_special_tokens=True)
   print(f"model: {FLAGS.model} ({model.config.num_layers} layers)\n")
   print(f"user: {FLAGS.prompt}\nassistant: {answer.strip()}\n")
 
   tokens = jnp.concatenate([jnp.asarray([prompt], jnp.int32), gen.tokens[:, :n]], axis=1)
-  out = pj.forward(model.params, model.config, tokens, logits=False)
+  out = pj.forward(model.params, model.config, tokens, logits=False, mesh=mesh)
   eff = pj.analysis.sublayer_effects(model.params, model.config, out.residual, lens=FLAGS.lens,
                                      temperature=temperature)
   eff = {k: np.asarray(v).mean(axis=(1, 2)) for k, v in eff.items()}

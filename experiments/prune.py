@@ -22,6 +22,8 @@ Which flags apply to which --method (a flag given to a method that would ignore 
   --calibration, --nsamples, --seqlen, --seed, --batch_size    every method but magnitude
   --eval_source, --eval_seqlen, --eval_windows                 every method
   --export_hf, --overwrite           only with --out
+  --mesh, --num_devices, --dtype, --distributed (+ --coordinator_address, --num_processes,
+    --process_id)                    every method (devices; see prunerep_jax.parallel)
 
 --out must be new or an empty directory. --overwrite replaces the outputs of an earlier run of
 this launcher in DIR (recognised by DIR/run.json) and nothing else: a non-empty DIR without that
@@ -59,6 +61,7 @@ flags.DEFINE_string("out", None, "Directory for run.json, the pruned checkpoint 
 flags.DEFINE_bool("export_hf", False, "Also export a Hugging Face directory to OUT/hf.")
 flags.DEFINE_bool("overwrite", False, "Replace the outputs of an earlier run of this launcher in "
                   "--out (only those; a directory without its run.json is never overwritten).")
+_common.define_device_flags()
 flags.adopt_module_key_flags(_common)
 FLAGS = flags.FLAGS
 
@@ -93,7 +96,7 @@ def check_flags(argv) -> dict:
     out = _common.check_out(PROG, FLAGS.out, overwrite=FLAGS.overwrite, outputs=outputs,
                             owned=OWNED, model_path=model_path, directories=DIRECTORIES)
   return {"pruning": pruning, "model_path": model_path, "out": out, "outputs": outputs,
-          "directories": DIRECTORIES}
+          "directories": DIRECTORIES, "devices": _common.check_device_flags(PROG)}
 
 
 def summary(report: dict, evaluation: dict) -> str:
@@ -149,8 +152,9 @@ def main(argv):
   from prunerep_jax import data
   from prunerep_jax.tasks.perplexity import next_token_kl, perplexity
 
-  with console.stage(f"loading {FLAGS.model}"):
-    model = pj.load(FLAGS.model)
+  mesh = _common.start_devices(PROG, checks["devices"])
+  with console.stage(f"loading {FLAGS.model} ({FLAGS.dtype})"):
+    model = pj.load(FLAGS.model, dtype=FLAGS.dtype, mesh=mesh)
   _common.check_pruning_against_config(PROG, model.config, checks["pruning"])
   if model.tokenizer is None:
     raise _common.usage(f"{PROG}(--model={FLAGS.model!r}): the model has no tokenizer; the "
@@ -166,11 +170,12 @@ def main(argv):
     raise _common.usage(f"{PROG}({eval_flag}={eval_source!r}, --eval_seqlen="
                         f"{FLAGS.eval_seqlen}): {e}") from None
   with console.stage(f"pruning with {FLAGS.method}"):
-    result = _common.prune_from_flags(PROG, model, checks["pruning"])
+    result = _common.prune_from_flags(PROG, model, checks["pruning"], mesh)
   with console.stage(f"held-out evaluation ({tokens.shape[0]} x {tokens.shape[1]} tokens)"):
-    dense = perplexity(model.params, model.config, tokens)
-    pruned = perplexity(result.params, result.config, tokens)
-    kl = next_token_kl(model.params, result.params, model.config, result.config, tokens)
+    dense = perplexity(model.params, model.config, tokens, mesh=mesh)
+    pruned = perplexity(result.params, result.config, tokens, mesh=mesh)
+    kl = next_token_kl(model.params, result.params, model.config, result.config, tokens,
+                       mesh=mesh)
   evaluation = {"heldout": info, "dense_ppl": dense["ppl"], "pruned_ppl": pruned["ppl"],
                 "kl_dense_pruned": kl["kl"], "top1_agreement": kl["top1_agreement"]}
   console.show(summary(result.report, evaluation))

@@ -136,7 +136,8 @@ def main(argv):
   from prunerep_jax import analysis, plots
   from prunerep_jax.tasks import mmlu
 
-  model = _common.load_model(PROG, console, checks)
+  mesh = _common.start_devices(PROG, checks["devices"])
+  model = _common.load_model(PROG, console, checks, mesh)
   with console.stage("MMLU items"):
     items, tokens, mask, letters, form = encode_items(model, checks["items"])
   console.progress(f"{len(items)} items, prompts of {int(mask.sum(1).min())}.."
@@ -144,7 +145,7 @@ def main(argv):
   if FLAGS.show_item is not None and FLAGS.show_item >= len(items):
     raise _common.usage(f"{PROG}(--show_item={FLAGS.show_item}): the source holds only "
                         f"{len(items)} items; expected an index in [0, {len(items)})")
-  pruned = _common.prune_model(PROG, console, model, checks["pruning"])
+  pruned = _common.prune_model(PROG, console, model, checks["pruning"], mesh)
   batches = -(-len(items) // FLAGS.eval_batch)
   with console.stage(f"option subspace: {len(items)} items in {batches} batches of "
                      f"{FLAGS.eval_batch}"):
@@ -152,7 +153,8 @@ def main(argv):
         model.params, pruned.params, model.config, tokens, letters,
         answers=np.asarray([it.answer for it in items]), prompt_mask=mask,
         pruned_config=pruned.config, temperature=checks["temperature"],
-        batch_size=FLAGS.eval_batch, option_labels=list(mmlu.LETTERS), tokenizer=model.tokenizer)
+        batch_size=FLAGS.eval_batch, option_labels=list(mmlu.LETTERS), tokenizer=model.tokenizer,
+        mesh=mesh)
   result = _common.annotate(result, pruned.report)
   result.meta["item_ids"] = [it.id for it in items]
   console.show(summary(result, form) + "\n")

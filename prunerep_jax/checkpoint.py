@@ -29,7 +29,7 @@ import dataclasses
 import hashlib
 import json
 import os
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -183,8 +183,11 @@ def _write(fn: str, directory: str, config: Config, extra: dict, items: dict[str
 
 # ------------------------------------------------------------------------------------ reading
 
-def restore(directory: str) -> tuple[Any, Config, dict]:
+def restore(directory: str, *, mesh=None) -> tuple[Any, Config, dict]:
   """Reads a checkpoint written by `save` (or `save_pruned`). Returns (params, config, extra).
+
+  The arrays come back on the default device, or with mesh (a `prunerep_jax.parallel` mesh or
+  spec) straight into its sharding, whatever devices saved them.
 
   Raises:
     FileNotFoundError: `directory` or its config.json does not exist.
@@ -193,12 +196,14 @@ def restore(directory: str) -> tuple[Any, Config, dict]:
     CorruptCheckpointError: the params data is missing, damaged or fails its checksum.
   """
   directory, meta = _read_meta("restore", directory)
-  params = _read_item("restore", directory, "params", meta["checksums"]["params"])
+  placement = _placement("restore", meta["config"], mesh)
+  params = _read_item("restore", directory, "params", meta["checksums"]["params"], placement)
   return params, meta["config"], meta["extra"]
 
 
-def restore_pruned(directory: str):
-  """Reads a checkpoint written by `save_pruned`; returns the `PruneResult`, bit-identical.
+def restore_pruned(directory: str, *, mesh=None):
+  """Reads a checkpoint written by `save_pruned`; returns the `PruneResult`, bit-identical
+  (placed as `restore` places it).
 
   Raises:
     FileNotFoundError, ValueError, CorruptCheckpointError: as `restore`, for params and masks;
@@ -213,10 +218,13 @@ def restore_pruned(directory: str):
     raise ValueError(f"restore_pruned(directory={directory!r}): config.json has no 'pruned' "
                      f"metadata of format {_PRUNED_FORMAT!r}; expected a checkpoint written by "
                      "save_pruned (use restore for plain checkpoints)")
-  params = _read_item("restore_pruned", directory, "params", meta["checksums"]["params"])
+  placement = _placement("restore_pruned", meta["config"], mesh)
+  params = _read_item("restore_pruned", directory, "params", meta["checksums"]["params"],
+                      placement)
   masks = None
   if "masks" in meta["checksums"]:
-    masks = _read_item("restore_pruned", directory, "masks", meta["checksums"]["masks"])
+    masks = _read_item("restore_pruned", directory, "masks", meta["checksums"]["masks"],
+                       placement)
   return PruneResult(params=params, masks=masks, report=pruned["report"], config=meta["config"])
 
 
@@ -325,8 +333,24 @@ def _check_checksums(entries: Any, field: str, dtypes: tuple[str, ...], bad) -> 
       raise bad(f"{field}.{path}", "tensor paths like 'layers/attn/q_proj/kernel'")
 
 
-def _target(entries: dict) -> dict:
-  """The nested-dict restore target of ShapeDtypeStructs that config.json records."""
+def _placement(fn: str, config: Config, mesh) -> Callable[[str], Any]:
+  """path -> the sharding a restored array gets: the default device, or its place on the mesh
+  (masks share the paths, and so the placement, of the kernels they mask)."""
+  from prunerep_jax import parallel
+
+  mesh = parallel.as_mesh(fn, mesh)
+  if mesh is None:
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return lambda path: device
+  flat = jax.tree_util.tree_flatten_with_path(parallel.param_shardings(config, mesh))[0]
+  by_path = {layout.path_str(p): sh for p, sh in flat}
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  return lambda path: by_path.get(path, replicated)
+
+
+def _target(entries: dict, placement: Callable[[str], Any]) -> dict:
+  """The nested-dict restore target of ShapeDtypeStructs that config.json records, each with
+  its sharding (the saving devices need not exist here)."""
   tree: dict = {}
   for path, e in entries.items():
     *parents, leaf = path.split("/")
@@ -337,11 +361,13 @@ def _target(entries: dict) -> dict:
         raise ValueError(f"tensor path {path!r} runs through another tensor")
     if leaf in node:
       raise ValueError(f"tensor path {path!r} is also a prefix of other tensors")
-    node[leaf] = jax.ShapeDtypeStruct(tuple(e["shape"]), jnp.dtype(e["dtype"]))
+    node[leaf] = jax.ShapeDtypeStruct(tuple(e["shape"]), jnp.dtype(e["dtype"]),
+                                      sharding=placement(path))
   return tree
 
 
-def _read_item(fn: str, directory: str, name: str, entries: dict) -> Any:
+def _read_item(fn: str, directory: str, name: str, entries: dict,
+               placement: Callable[[str], Any]) -> Any:
   """Restores the orbax item `directory/name` and verifies every array against `entries`."""
   item_dir = os.path.join(directory, name)
 
@@ -352,7 +378,7 @@ def _read_item(fn: str, directory: str, name: str, entries: dict) -> Any:
   if not os.path.isdir(item_dir):
     raise corrupt(f"{name}/ is missing but {CONFIG_FILE} records it")
   try:
-    target = _target(entries)
+    target = _target(entries, placement)
   except ValueError as e:
     raise corrupt(f"{CONFIG_FILE} records an impossible tree for {name}/ ({e})") from None
   try:

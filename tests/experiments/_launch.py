@@ -14,9 +14,10 @@ CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }} {% 
                  "{% if add_generation_prompt %}assistant:{% endif %}")
 
 
-def launch(module: str, *args: str, timeout: float = 300):
-  """(CompletedProcess, seconds) of `python -m module args` from the repository root, offline."""
-  env = dict(os.environ, HF_HUB_OFFLINE="1", JAX_PLATFORMS="cpu")
+def launch(module: str, *args: str, timeout: float = 300, env: dict = None):
+  """(CompletedProcess, seconds) of `python -m module args` from the repository root, offline
+  (with `env` added to the environment)."""
+  env = dict(os.environ, HF_HUB_OFFLINE="1", JAX_PLATFORMS="cpu", **(env or {}))
   t0 = time.perf_counter()
   proc = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=timeout)

@@ -11,8 +11,11 @@ import math
 import os
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
+
+import prunerep_jax as pj
 
 from _launch import (decoy_model, error_line, launch, launch_all, snapshot, text_file,
                      tiny_model)
@@ -70,6 +73,10 @@ BAD_VALUES = [
     (["--calibration=no/such/file.txt"], "--calibration='no/such/file.txt'): no such file"),
     (["--calibration=wikipedya"], "--calibration='wikipedya'): no such file"),
     (["--eval_source=/dev/null"], "--eval_source='/dev/null'): not a regular file or directory"),
+    (["--mesh=data:4,pipeline:2"], "--mesh='data:4,pipeline:2'): expected axes from"),
+    (["--mesh=data:x"], "--mesh='data:x'): expected a positive integer size"),
+    (["--num_devices=2"], "--num_devices needs --mesh"),
+    (["--coordinator_address=h:1"], "--coordinator_address needs --distributed"),
     (["--nsamples=abc"], "--nsamples=abc"),  # absl's parse error: also one line and status 2
     (["--patern=2:4"], "Unknown command line flag 'patern'"),
     (["stray"], "unexpected positional arguments ['stray']"),
@@ -236,3 +243,24 @@ def test_prunes_to_out_then_overwrites_only_its_own_outputs(tmp_path):
   assert report["report"]["method"] == "magnitude"
   assert report["evaluation"]["heldout"]["source"] == str(text)
   assert np.isclose(report["evaluation"]["dense_ppl"], evaluation["dense_ppl"], rtol=1e-6)
+
+
+def test_prunes_on_a_device_mesh_like_on_one_device(tmp_path):
+  """--mesh=data:2,model:2 on four forced CPU devices prunes to the same masks as one device."""
+  model = tiny_model(tmp_path / "model")
+  text = text_file(tmp_path / "text.txt")
+  common = [f"--model={model}", "--method=wanda", "--sparsity=0.5", f"--calibration={text}",
+            "--nsamples=4", "--seqlen=8", "--batch_size=4", "--eval_seqlen=8",
+            "--eval_windows=2"]
+  one, _ = launch(PROG, *common, f"--out={tmp_path / 'one'}")
+  four, _ = launch(PROG, *common, f"--out={tmp_path / 'four'}", "--mesh=data:2,model:2",
+                   env={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
+  assert one.returncode == 0 and four.returncode == 0, (one.stderr[-2000:], four.stderr[-2000:])
+  a = json.loads((tmp_path / "one" / "report.json").read_text())
+  b = json.loads((tmp_path / "four" / "report.json").read_text())
+  masks_one = pj.checkpoint.restore_pruned(str(tmp_path / "one" / "checkpoint")).masks
+  masks_four = pj.checkpoint.restore_pruned(str(tmp_path / "four" / "checkpoint")).masks
+  for x, y in zip(jax.tree_util.tree_leaves(masks_one), jax.tree_util.tree_leaves(masks_four)):
+    np.testing.assert_array_equal(x, y)
+  for key in ("dense_ppl", "pruned_ppl", "kl_dense_pruned"):
+    assert np.isclose(a["evaluation"][key], b["evaluation"][key], rtol=1e-5), key

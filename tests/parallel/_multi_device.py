@@ -182,6 +182,19 @@ def main(out_path: str) -> None:
                                for k in ("kl", "subset_kl", "option_logp_dense"))
       r["subspace_choice_equal"] = bool(np.array_equal(sub.arrays["option_pruned"],
                                                        ref["subspace"].arrays["option_pruned"]))
+      # A checkpoint saved from the mesh restores on one device and onto a mesh, bit for bit.
+      import tempfile
+      with tempfile.TemporaryDirectory() as tmp:
+        pj.checkpoint.save_pruned(tmp + "/ck", wanda)
+        one = pj.checkpoint.restore_pruned(tmp + "/ck")
+        back = pj.checkpoint.restore_pruned(tmp + "/ck", mesh=mesh)
+      r["restore_one_device"] = (trees_equal(one.params, wanda.params)
+                                 and trees_equal(one.masks, wanda.masks)
+                                 and len(one.params["embed"]["embedding"].devices()) == 1)
+      r["restore_on_mesh"] = (trees_equal(back.params, wanda.params)
+                              and spec_of(back.params["layers"]["attn"]["q_proj"]["kernel"])
+                              == spec_of(parallel.shard_params(params, EVEN, mesh)[
+                                  "layers"]["attn"]["q_proj"]["kernel"]))
       drop = pj.prune.drop_sublayers(params, EVEN, 2, kind="joint", calibration=calib, mesh=mesh)
       r["drop_same_choice"] = drop.report["dropped"] == ref["drop"].report["dropped"]
       r["drop_scores_diff"] = max(

@@ -105,3 +105,9 @@ def test_layerwise_subspace_and_drop_scoring_match_one_device(results):
   assert r["layerwise_diff"] <= 1e-5
   assert r["subspace_diff"] <= 1e-5 and r["subspace_choice_equal"]
   assert r["drop_same_choice"] and r["drop_scores_diff"] <= 1e-5
+
+
+def test_a_checkpoint_saved_on_a_mesh_restores_on_one_device_and_onto_a_mesh(results):
+  r = results["data:2,model:2"]
+  assert r["restore_one_device"]
+  assert r["restore_on_mesh"]
