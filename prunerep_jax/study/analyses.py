@@ -21,6 +21,7 @@ from __future__ import annotations
 import numpy as np
 
 from prunerep_jax import analysis
+from prunerep_jax.analysis import theory
 from prunerep_jax.prune import drop
 from prunerep_jax.study import suites
 from prunerep_jax.tasks import _generation, gsm8k, mmlu
@@ -29,6 +30,7 @@ from prunerep_jax.tasks import _suite
 LAYER_METRICS = ("cos_h", "cos_z", "cos_p", "one_minus_cos_h", "one_minus_cos_z",
                  "one_minus_cos_p", "kl", "kl_estimate", "top1_agree")
 DRIFT_METRICS = ("cos_h", "cos_z", "cos_p", "kl", "kl_estimate", "agree")
+SMALL_DZ = 1.0  # RMS over the vocabulary of the logit change, in nats: "a small change"
 
 
 def drop_everything(params, config):
@@ -72,12 +74,21 @@ def _mean(values: np.ndarray, valid: np.ndarray):
 
 
 def theorem_summary(result: analysis.Result) -> dict:
-  """{group: {quantity: {n, pearson, pearson_log, ratio_mean, ratio_median}}} (overall rows)."""
+  """{group: {quantity: {n, pearson, pearson_log, ratio_mean, ratio_median, small}}}: the
+  statistics over every pair, and ("small") over the pairs with RMS(dz) < SMALL_DZ only, the
+  regime where a second-order expansion in dz is meant to hold."""
   out: dict[str, dict] = {}
   for row in result.table():
     if "@" not in row["quantity"]:
       out.setdefault(row["group"], {})[row["quantity"]] = {
           k: row[k] for k in ("n", "pearson", "pearson_log", "ratio_mean", "ratio_median")}
+  for key in result.arrays:
+    group, quantity, part = key.split("/")
+    if part == "real":
+      a = result.arrays
+      small = a[f"{group}/{quantity}/rms_dz"] < SMALL_DZ
+      out[group][quantity]["small"] = theory.compare(a[key][small],
+                                                     a[f"{group}/{quantity}/estimate"][small])
   return out
 
 

@@ -31,7 +31,7 @@ from prunerep_jax import atomic, prune
 from prunerep_jax.prune import drop
 from prunerep_jax.study import grid
 
-SCHEMA = 1  # bump when what a cell file holds, or how it is computed, changes
+SCHEMA = 2  # bump when what a cell file holds, or how it is computed, changes
 CALLER = "prunerep_jax.study"
 
 log = logging.getLogger(__name__)

@@ -215,10 +215,10 @@ PROFILES = {
         + sweep("wanda", (0.5,)),
         sizes=EvalSizes(mmlu_items=16, mmlu_max_tokens=192, retrieval_passages=32,
                         passage_tokens=64, ppl_windows=2, ppl_seqlen=128, gsm8k_items=8,
-                        humaneval_items=8, max_new_tokens=32),
+                        humaneval_items=6, max_new_tokens=32),
         calibration=(8, 128),
         analysis=AnalysisPlan(settings=(Cell("drop_attn", 4),), prompts=4, decode_steps=8,
-                              drift_steps=24)),
+                              drift_steps=24, lenses=("final_norm",))),
     "readme": Profile(
         name="readme", budget_s=900,
         cells=_DENSE + sweep("drop_attn", (2, 4, 6, 8, 12)) + sweep("drop_mlp", (2, 4, 6, 8, 12))

@@ -245,7 +245,8 @@ def run(model, profile: grid.Profile, out: str, options: Options,
       "analyses": summaries,
   }
   results["claims"] = report.claims(results)
-  results["run"] = {"wall_s": time.perf_counter() - t_start, "budget_s": profile.budget_s,
+  results["run"] = {"wall_s": time.perf_counter() - t_start, "cpu_s": _cpu_s(),
+                    "budget_s": profile.budget_s,
                     "load_average_start": load_before, "load_average_end": _loadavg(),
                     "cpu_count": os.cpu_count()}
   console.status("writing figures and the report")
@@ -258,6 +259,13 @@ def run(model, profile: grid.Profile, out: str, options: Options,
                f"{len(figure_files)} figures in {clock(results['run']['wall_s'])}")
   flush_log()
   return results
+
+
+def _cpu_s() -> float:
+  """CPU seconds this process has used so far (user + system, every thread): unlike the wall
+  time, it does not grow when other processes share the cores."""
+  t = os.times()
+  return t.user + t.system
 
 
 def _loadavg() -> Optional[list[float]]:

@@ -6,7 +6,8 @@ calibration windows. `evaluate` runs one model over all of it through the task s
 `prunerep_jax.tasks` and reduces the results to flat numbers per suite:
 
   non-generative
-    mmlu        accuracy, letter_mass; vs dense: agreement (same option chosen), option_kl
+    mmlu        accuracy, letter_mass (probability on the four letters), majority_option (share
+                of the most chosen letter); vs dense: agreement (same option chosen), option_kl
                 (KL(dense || pruned) over the four options), top1_flip_rate (global next token)
     retrieval   recall_at_1, mrr; vs dense: cosine_to_dense (embeddings), top1_agreement
     perplexity  ppl; vs dense: kl (next-token KL(dense || pruned) per position), top1_agreement
@@ -192,7 +193,8 @@ def summarize(dense_raw: dict, raw: dict, dense_emb: retrieval.Embeddings,
   return {
       "mmlu": {"accuracy": m["accuracy_pruned"], "agreement": m["agreement"],
                "option_kl": m["option_kl"], "top1_flip_rate": m["top1_flip_rate"],
-               "letter_mass": raw["mmlu"]["letter_mass_mean"]},
+               "letter_mass": raw["mmlu"]["letter_mass_mean"],
+               "majority_option": _majority(raw["mmlu"])},
       "retrieval": {"recall_at_1": r["recall_at_1_pruned"], "mrr": r["mrr_pruned"],
                     "cosine_to_dense": r["cosine_to_dense"],
                     "top1_agreement": r["top1_agreement"]},
@@ -205,6 +207,13 @@ def summarize(dense_raw: dict, raw: dict, dense_emb: retrieval.Embeddings,
                     "first_divergence": h["first_divergence_mean"],
                     "text_match": h["text_match"], "pass_at_1": h["pass_at_1_pruned"]},
   }
+
+
+def _majority(result: dict) -> float:
+  """The share of questions answered with the model's most chosen letter (1.0: it always picks the
+  same letter; a near-chance model's choices are mostly such a bias)."""
+  chosen = np.bincount([it["chosen"] for it in result["items"]], minlength=4)
+  return float(chosen.max() / chosen.sum())
 
 
 def examples(raw: dict, count: int = 2, chars: int = 240) -> dict:
