@@ -26,6 +26,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
+from matplotlib import ticker  # noqa: E402
 import numpy as np  # noqa: E402
 
 from prunerep_jax import atomic  # noqa: E402
@@ -127,12 +128,14 @@ def sweep(results: dict, method: str, out: str) -> str:
   xs, ys = _series(line, "perplexity", "ppl")
   ppl.plot(xs, ys, ":", marker="^", color=COLORS["perplexity"], label="perplexity (right axis)")
   ppl.set_yscale("log")
+  for set_formatter in (ppl.yaxis.set_major_formatter, ppl.yaxis.set_minor_formatter):
+    set_formatter(ticker.LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.4)))
   ppl.set_ylabel("held-out perplexity")
-  handles, labels = left.get_legend_handles_labels()
-  left.legend(handles, labels, fontsize=7, loc="lower left")
+  below = {"fontsize": 7, "loc": "upper center", "bbox_to_anchor": (0.5, -0.16), "ncol": 2}
+  left.legend(**below)
   h1, l1 = right.get_legend_handles_labels()
   h2, l2 = ppl.get_legend_handles_labels()
-  right.legend(h1 + h2, l1 + l2, fontsize=7, loc="upper right")
+  right.legend(h1 + h2, l1 + l2, **below)
   fig.suptitle(f"{TITLES[method]}: non-generative (solid) vs generative (dashed) on "
                f"{results['model']}" + ("  (stars: N:M patterns)" if nm else ""), fontsize=10)
   return _save(fig, out, f"sweep-{method}")
