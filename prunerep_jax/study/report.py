@@ -104,8 +104,8 @@ def _gen_collapses(r):
   found = [c for m in ("drop_attn", "drop_mlp") for c in [_at_most(r, m, 8)] if c]
   if not found:
     return "drops not measured", None
-  parts = [f"{c['label']}: {_f(gen_fidelity(c))} (GSM8K exact {_f(value(c, 'gsm8k', 'exact_match'))})"
-           for c in found]
+  parts = [f"{c['label']}: {_f(gen_fidelity(c))} (GSM8K identical outputs "
+           f"{_f(value(c, 'gsm8k', 'exact_match'))})" for c in found]
   return "generative fidelity " + "; ".join(parts), min(gen_fidelity(c) for c in found) <= GEN_MAX
 
 
@@ -446,10 +446,11 @@ def markdown(results: dict) -> str:
       "",
       f"Model `{results['model']}` ({results['num_layers']} layers, {results['dtype']}), profile "
       f"`{results['profile']}`: {len(results['cells'])} models (dense + pruned) evaluated on both "
-      f"task kinds; run time {run['wall_s'] / 60:.1f} min, {run['cpu_s'] / 60:.1f} CPU-min "
-      f"(sized for {run['budget_s'] / 60:.0f} min on 2 idle cores), load average "
-      f"{run['load_average_start']} at the start and {run['load_average_end']} at the end on "
-      f"{run['cpu_count']} CPUs.",
+      f"task kinds. This invocation: {run['wall_s'] / 60:.1f} min wall, {run['cpu_s'] / 60:.1f} "
+      f"CPU-min, load average {run['load_average_start']} at the start and "
+      f"{run['load_average_end']} at the end on {run['cpu_count']} CPUs; computing every model "
+      f"and analysis took {run['compute_s'] / 60:.1f} min in all (across resumed runs; the "
+      f"profile is sized for {run['budget_s'] / 60:.0f} min on 2 otherwise idle cores).",
       "",
       f"**{held.count('yes')} of {len(held)} claims held, {held.count('no')} did not, "
       f"{held.count('n/a')} not measured in this profile.** The question is the paper's: "
@@ -574,7 +575,8 @@ def console_summary(results: dict) -> str:
   widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
 
   def fmt(r):
-    return "  ".join(x.ljust(w) if i == 0 else x.rjust(w) for i, (x, w) in enumerate(zip(r, widths)))
+    return "  ".join(x.ljust(w) if i == 0 else x.rjust(w)
+                     for i, (x, w) in enumerate(zip(r, widths)))
 
   lines = ["Fidelity to the dense model (1 = identical):", fmt(headers),
            fmt(["-" * w for w in widths])] + [fmt(r) for r in rows]

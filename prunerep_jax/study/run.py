@@ -190,8 +190,9 @@ def run(model, profile: grid.Profile, out: str, options: Options,
     console.status(f"[{done + 1:>2}/{total}] {name}")
     t0 = time.perf_counter()
     summaries[name] = suites.jsonable(compute())
+    summaries[name]["seconds"] = time.perf_counter() - t0
     store.write(f"analysis-{name}", analysis_fp[name], summaries[name])
-    finished("analysis", name, time.perf_counter() - t0)
+    finished("analysis", name, summaries[name]["seconds"])
 
   if any(c.method in grid.DROP_METHODS for c in plan.settings):
     everything = to_eval(analyses.drop_everything(params, config))
@@ -246,7 +247,7 @@ def run(model, profile: grid.Profile, out: str, options: Options,
   }
   results["claims"] = report.claims(results)
   results["run"] = {"wall_s": time.perf_counter() - t_start, "cpu_s": _cpu_s(),
-                    "budget_s": profile.budget_s,
+                    "compute_s": _compute_s(results), "budget_s": profile.budget_s,
                     "load_average_start": load_before, "load_average_end": _loadavg(),
                     "cpu_count": os.cpu_count()}
   console.status("writing figures and the report")
@@ -259,6 +260,14 @@ def run(model, profile: grid.Profile, out: str, options: Options,
                f"{len(figure_files)} figures in {clock(results['run']['wall_s'])}")
   flush_log()
   return results
+
+
+def _compute_s(results: dict) -> float:
+  """Seconds every unit took when it was computed (cached ones included): what a run from scratch
+  costs besides loading the model and drawing the workload."""
+  cells_s = sum(c["prune"].get("time_s", 0.0) + sum(c["timings"].values())
+                for c in results["cells"])
+  return cells_s + sum(a.get("seconds") or 0.0 for a in results["analyses"].values())
 
 
 def _cpu_s() -> float:
