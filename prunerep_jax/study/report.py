@@ -488,8 +488,7 @@ def markdown(results: dict) -> str:
                  + ["time s"],
                  [[c["label"], _cell_text(nongen_fidelity(c)), _cell_text(gen_fidelity(c))]
                   + [_cell_text(value(c, s, k)) for s, k, _ in CELL_COLUMNS]
-                  + [_cell_text(round(c["prune"].get("time_s", 0) + sum(c["timings"].values()),
-                                      1))]
+                  + [f'{c["prune"].get("time_s", 0) + sum(c["timings"].values()):.0f}']
                   for c in results["cells"]]), ""]
   dense = cell(results, "dense")
   worst = min((c for c in results["cells"] if c["method"] != "dense"),
