@@ -211,6 +211,7 @@ def theorem(result: Result, name: str, out: str) -> str:
   fig, axes = plt.subplots(1, 2, figsize=(10, 4))
   for ax, (quantity, title) in zip(axes, (("kl", "KL vs Var_p(dz) / 2T^2"),
                                           ("one_minus_cos_p", "1 - cos(p) vs Var_r(dz) / 2T^2"))):
+    lo, hi = np.inf, -np.inf
     for group in groups:
       if group == "all":
         continue
@@ -219,10 +220,12 @@ def theorem(result: Result, name: str, out: str) -> str:
       if real is None or real.size == 0:
         continue
       ok = (real > 1e-12) & (est > 1e-12)
-      ax.scatter(real[ok], est[ok], s=4, alpha=0.4, label=group)
-    lo, hi = ax.get_xlim()
-    ax.plot([1e-12, 1e3], [1e-12, 1e3], "k:", linewidth=1)
-    ax.set_xlim(lo, hi)
+      if ok.any():
+        ax.scatter(real[ok], est[ok], s=4, alpha=0.4, label=group)
+        lo = min(lo, real[ok].min(), est[ok].min())
+        hi = max(hi, real[ok].max(), est[ok].max())
+    if np.isfinite(lo):
+      ax.plot([lo, hi], [lo, hi], "k:", linewidth=1, label="estimate = exact")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("exact")
