@@ -26,7 +26,7 @@ from typing import Optional
 
 import jax.numpy as jnp
 
-from prunerep_jax import atomic
+from prunerep_jax import atomic, validate
 from prunerep_jax.model import cast
 from prunerep_jax.study import analyses, cells, figures, grid, report, suites
 from prunerep_jax.study.console import Console, Eta, clock
@@ -82,10 +82,18 @@ def run(model, profile: grid.Profile, out: str, options: Options,
   t_start = time.perf_counter() if started is None else started
   console = console or Console()
   load_before = _loadavg()
+  fn = "study.run"
+  if not isinstance(profile, grid.Profile):
+    raise validate.fail(fn, "profile", profile, "a study Profile (study.profile(name))",
+                        error=TypeError)
+  if not isinstance(options, Options):
+    raise validate.fail(fn, "options", options, "a study Options", error=TypeError)
+  validate.choice(fn, "options.dtype", options.dtype, sorted(DTYPES))
   params, config, tokenizer = model.params, model.config, model.tokenizer
-  if options.dtype not in DTYPES:
-    raise ValueError(f"study.run(options.dtype={options.dtype!r}): expected one of "
-                     f"{sorted(DTYPES)}")
+  validate.params(fn, params, config)
+  if not getattr(tokenizer, "chat_template", None):
+    raise validate.fail(fn, "model", model, "a model whose tokenizer has a chat template (the "
+                        "MMLU and GSM8K prompts use it)")
   store = cells.Store(out)
   analyses_dir = os.path.join(out, "analyses")
 

@@ -227,3 +227,17 @@ def test_a_model_too_shallow_for_a_cell_skips_it(sources, tmp_path):
   assert [c["id"] for c in results["cells"]] == ["dense"]
   assert results["skipped"] == ["drop_attn-3"]
   assert "skipping drop attention 3: the model has only 2 layers" in text
+
+
+def test_bad_arguments_are_refused_before_any_work(sources, tmp_path):
+  model = inp.model()
+  with pytest.raises(ValueError, match=r"study\.run\(options\.dtype='float16'\): expected one of "
+                     r"\('bfloat16', 'float32'\)"):
+    study.run(model, PROFILE, str(tmp_path / "a"), study.Options("tiny", dtype="float16"))
+  with pytest.raises(TypeError, match=r"study\.run\(profile='quick'\): expected a study Profile"):
+    study.run(model, "quick", str(tmp_path / "b"), study.Options("tiny"))
+  plain = pj.Model(model.config, model.params, None)
+  with pytest.raises(ValueError, match=r"study\.run\(model=.*\): expected a model whose "
+                     "tokenizer has a chat template"):
+    study.run(plain, PROFILE, str(tmp_path / "c"), study.Options("tiny"))
+  assert not any(tmp_path.iterdir())
