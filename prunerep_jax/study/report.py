@@ -418,9 +418,11 @@ def main_table(results: dict) -> list[dict]:
 
 
 def _table(headers: list[str], rows: list[list[str]]) -> str:
-  lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-  lines += ["| " + " | ".join(r) + " |" for r in rows]
-  return "\n".join(lines)
+  """A Markdown table; "|" inside a cell (KL(p || p')) is escaped so it does not split it."""
+  def row(cells):
+    return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
+  lines = [row(headers), "|" + "|".join("---" for _ in headers) + "|"]
+  return "\n".join(lines + [row(r) for r in rows])
 
 
 def _cell_text(v) -> str:

@@ -167,8 +167,10 @@ def test_report_markdown_and_tables():
   assert "**13 of 13 claims held, 0 did not, 0 not measured in this profile.**" in md
   assert "| claim | paper | ours | held? |" in md
   for c in r["claims"]:
-    assert f"| {c['claim']} | {c['paper']} | {c['ours']} | yes |" in md
+    cells = [c["claim"], c["paper"], c["ours"], "yes"]
+    assert "| " + " | ".join(x.replace("|", "\\|") for x in cells) + " |" in md
     assert f"- **{c['claim']}**: {c['rule']}." in md
+  assert "| KL(p \\|\\| p') ~= Var_p(dz) / 2T^2 (Theorem 3) |" in md
   main = report.main_table(r)
   assert [row["model"] for row in main] == ["dense", "drop attention 4", "drop attention 8",
                                             "drop MLP 4", "drop MLP 8"]
