@@ -234,13 +234,13 @@ PROFILES = {
         name="full", budget_s=3600,
         cells=_DENSE + sweep("drop_attn", range(1, 13)) + sweep("drop_mlp", range(1, 13))
         + sweep("drop_block", (1, 2, 3, 4, 6, 8, 10, 12))
-        + sweep("magnitude", (0.1, 0.3, 0.5, 0.7, "2:4"))
+        + sweep("magnitude", (0.3, 0.5, 0.7, "2:4"))
         + sweep("wanda", (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, "2:4", "4:8"))
         + sweep("sparsegpt", (0.5, "2:4")),
         sizes=EvalSizes(mmlu_items=48, mmlu_max_tokens=256, retrieval_passages=64,
                         passage_tokens=64, ppl_windows=4, ppl_seqlen=256, gsm8k_items=16,
                         humaneval_items=8, max_new_tokens=48),
-        calibration=(16, 256),
+        calibration=(16, 128),
         analysis=AnalysisPlan(settings=(Cell("drop_attn", 4), Cell("drop_mlp", 4),
                                         Cell("wanda", 0.5)),
                               prompts=8, decode_steps=32, drift_steps=64)),
