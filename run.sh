@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Set-up and entry points. `./run.sh main` runs the main study on the embedded default model;
+# Set-up and entry points. `./run.sh main` runs the reproduction study (profile readme, <= 15 min
+# on 2 CPU cores) on the embedded default model;
 # `./run.sh test` runs the test suite. Each creates or reuses .venv and installs exactly the
 # pinned packages it needs (only when pyproject.toml or this script changed).
 set -euo pipefail
@@ -29,7 +30,7 @@ shift || true
 case "$cmd" in
   main)
     ensure_venv ""
-    exec "$VENV/bin/python" -m experiments.main "$@"
+    exec "$VENV/bin/python" -m experiments.reproduce --profile=readme "$@"
     ;;
   test)
     ensure_venv test

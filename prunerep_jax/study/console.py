@@ -1,0 +1,118 @@
+"""Output for people: one line per finished unit of work with an ETA, transient progress inside a
+unit, and a log that keeps everything for the output directory.
+
+`Console.line` prints a permanent line; `Console.status` shows a transient line (on a terminal
+it is overwritten by the next one; elsewhere it is not printed). Both go to the console's
+`LogBuffer`, which the launcher also attaches to the root logger, so third-party log records
+(absl, orbax, jax) land there too instead of on the console. `LogBuffer.flush_to` writes it
+atomically, so the log obeys the same write discipline as every other output (a killed run keeps
+the log up to its last flush, which happens after every unit of work).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from typing import Optional, TextIO
+
+from prunerep_jax import atomic
+
+def clock(seconds: Optional[float]) -> str:
+  """1:05, 12:00, 1:02:03; "?" when unknown."""
+  if seconds is None:
+    return "?"
+  seconds = int(round(max(seconds, 0.0)))
+  h, rest = divmod(seconds, 3600)
+  m, s = divmod(rest, 60)
+  return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+class Console:
+  """Progress lines on `stream` (default stdout), everything also into `log` when given."""
+
+  def __init__(self, stream: Optional[TextIO] = None, log: Optional["LogBuffer"] = None):
+    self.stream = stream or sys.stdout
+    self.log = log
+    self.live = hasattr(self.stream, "isatty") and self.stream.isatty()
+    self._transient = False
+
+  def line(self, text: str) -> None:
+    self._clear()
+    self.stream.write(text + "\n")
+    self.stream.flush()
+    if self.log is not None:
+      self.log.add(text)
+
+  def status(self, text: str) -> None:
+    if self.log is not None:
+      self.log.add(text)
+    if self.live:
+      width = max(20, _columns() - 1)
+      self.stream.write("\r\033[K" + text[:width])
+      self.stream.flush()
+      self._transient = True
+
+  def _clear(self) -> None:
+    if self._transient:
+      self.stream.write("\r\033[K")
+      self._transient = False
+
+
+def _columns() -> int:
+  try:
+    return os.get_terminal_size().columns
+  except OSError:
+    return 100
+
+
+class Eta:
+  """Remaining time of units of work, from the durations of the finished ones.
+
+  A unit's kind is a string ("cell:wanda", "analysis"); `weights` gives each kind's relative cost.
+  A kind already seen is estimated by its mean duration; an unseen kind by its weight times the
+  seconds per unit of weight of everything finished so far (or `prior` before anything has).
+  """
+
+  def __init__(self, prior: float, weights: dict[str, float]):
+    self.prior = prior
+    self.weights = weights
+    self.done: dict[str, list[float]] = {}
+
+  def record(self, kind: str, seconds: float) -> None:
+    self.done.setdefault(kind, []).append(seconds)
+
+  def estimate(self, kind: str) -> float:
+    if self.done.get(kind):
+      return sum(self.done[kind]) / len(self.done[kind])
+    weight = sum(self.weights.get(k, 1.0) * len(v) for k, v in self.done.items())
+    rate = sum(sum(v) for v in self.done.values()) / weight if weight else self.prior
+    return rate * self.weights.get(kind, 1.0)
+
+  def remaining(self, kinds) -> float:
+    return sum(self.estimate(k) for k in kinds)
+
+
+class LogBuffer(logging.Handler):
+  """Keeps the console's lines and formatted log records in memory; `flush_to` writes them
+  (after `header`) atomically."""
+
+  def __init__(self, header: str = ""):
+    super().__init__(logging.INFO)
+    self.lines = [header] if header else []
+    self.setFormatter(logging.Formatter("%(asctime)s %(levelname).1s %(name)s: %(message)s",
+                                        "%H:%M:%S"))
+
+  def add(self, text: str) -> None:
+    self.lines.append(f"{time.strftime('%H:%M:%S')} {text}")
+
+  def emit(self, record: logging.LogRecord) -> None:
+    try:
+      self.lines.append(self.format(record))
+    except Exception:  # a logging handler must never raise into the program
+      self.handleError(record)
+
+  def flush_to(self, path: str) -> None:
+    atomic.write_text(path, "\n".join(self.lines) + "\n", overwrite=True,
+                      caller="prunerep_jax.study", name="log")
