@@ -47,8 +47,6 @@ flags.DEFINE_string("model", "smollm2-135m-instruct",
                     "Registered model name, local Hugging Face directory, or .gguf file.")
 flags.DEFINE_string("out", None, "Output directory (default runs/reproduce-PROFILE); rerunning "
                     "into the same directory resumes.")
-flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
-                  "dtype the models are evaluated in (pruning runs on the loaded weights).")
 flags.DEFINE_integer("batch_size", 8, "Prompts per forward pass (MMLU, retrieval, perplexity).")
 flags.DEFINE_integer("gen_batch_size", 8, "Prompts per generation batch (GSM8K, HumanEval).")
 flags.DEFINE_bool("execute", False, "Run HumanEval completions in a sandboxed subprocess for "
@@ -62,12 +60,17 @@ flags.DEFINE_string("humaneval_source", None, "Local HumanEval file or dataset d
 flags.DEFINE_string("text_source", "wikipedia", "Text for retrieval passages, held-out "
                     "perplexity and calibration: wikipedia, news, or a local file/directory.")
 flags.DEFINE_integer("seed", 0, "Seed of the item subsamples and calibration windows.")
+_common.define_device_flags()
 FLAGS = flags.FLAGS
 
 
 def check_flags(argv):
-  """Checks every flag before the model is loaded; returns (out, model_path)."""
+  """Checks every flag before the model is loaded; returns (out, model_path, device flags)."""
   _common.no_arguments(PROG, argv)
+  if FLAGS.distributed:
+    raise _common.usage(f"{PROG}(--distributed): the study caches its cells from one process; "
+                        "run it on one host (a --mesh over that host's devices is supported)")
+  devices = _common.check_device_flags(PROG)
   from prunerep_jax import validate
 
   for name in ("batch_size", "gen_batch_size"):
@@ -80,7 +83,7 @@ def check_flags(argv):
   _common.source_flag(PROG, "--text_source", FLAGS.text_source)
   model_path = _common.model_flag(PROG, FLAGS.model)
   out = check_out(FLAGS.out or os.path.join("runs", f"reproduce-{FLAGS.profile}"), model_path)
-  return out, model_path
+  return out, model_path, devices
 
 
 def check_out(value: str, model_path) -> str:
@@ -111,7 +114,7 @@ def check_out(value: str, model_path) -> str:
 def settings() -> dict:
   return {name: getattr(FLAGS, name) for name in (
       "profile", "model", "dtype", "batch_size", "gen_batch_size", "execute", "mmlu_source",
-      "gsm8k_source", "humaneval_source", "text_source", "seed")}
+      "gsm8k_source", "humaneval_source", "text_source", "seed", "mesh", "num_devices")}
 
 
 def setup_logging(out: str):
@@ -134,7 +137,7 @@ def setup_logging(out: str):
 
 def main(argv):
   started = time.perf_counter()
-  out, _ = check_flags(argv)
+  out, _, devices = check_flags(argv)
 
   import prunerep_jax as pj
   from prunerep_jax import study
@@ -145,15 +148,16 @@ def main(argv):
   buffer = setup_logging(out)
   console = Console(log=buffer)
   try:
-    console.status(f"loading {FLAGS.model}")
-    model = pj.load(FLAGS.model)
+    mesh = _common.start_devices(PROG, devices)
+    console.status(f"loading {FLAGS.model} ({FLAGS.dtype})")
+    model = pj.load(FLAGS.model, dtype=FLAGS.dtype, mesh=mesh)
     if model.tokenizer is None or not getattr(model.tokenizer, "chat_template", None):
       raise _common.usage(f"{PROG}(--model={FLAGS.model!r}): the model has no tokenizer with a "
                           "chat template; the suites need one")
     console.line(f"loaded {FLAGS.model} in {time.perf_counter() - started:.1f} s")
     options = study.Options(
         model_id=FLAGS.model, dtype=FLAGS.dtype, batch_size=FLAGS.batch_size,
-        gen_batch_size=FLAGS.gen_batch_size, execute=FLAGS.execute, seed=FLAGS.seed,
+        gen_batch_size=FLAGS.gen_batch_size, execute=FLAGS.execute, seed=FLAGS.seed, mesh=mesh,
         sources=study.Sources(mmlu=FLAGS.mmlu_source, gsm8k=FLAGS.gsm8k_source,
                               humaneval=FLAGS.humaneval_source, text=FLAGS.text_source))
     study.run(model, study.profile(FLAGS.profile), out, options, console=console,

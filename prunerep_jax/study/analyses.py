@@ -47,10 +47,10 @@ def prompts(tokenizer, config, work: suites.Workload, count: int) -> tuple[np.nd
 
 
 def layerwise(params, config, tokens, mask, pruned, lens: str, decode_steps: int,
-              directory: str, name: str) -> dict:
+              directory: str, name: str, mesh=None) -> dict:
   """Runs and saves one layerwise analysis; returns per sublayer kind the per-layer means."""
   result = analysis.layerwise(params, config, tokens, pruned, lens=lens,
-                              decode_steps=decode_steps, attention_mask=mask)
+                              decode_steps=decode_steps, attention_mask=mask, mesh=mesh)
   result.save(directory, name)
   theorem = analysis.theorem_check(result)
   theorem.save(directory, f"theorem-{name}")
@@ -93,14 +93,14 @@ def theorem_summary(result: analysis.Result) -> dict:
 
 
 def drift(params, config, pruned_params, pruned_config, tokenizer, tokens, mask, steps: int,
-          directory: str, name: str) -> dict:
+          directory: str, name: str, mesh=None) -> dict:
   """Runs and saves one drift analysis (both modes) and its theorem check; returns per-step means
   per track, first divergence steps and the theorem statistics."""
   eos = _generation.eos_ids(tokenizer, config)
   result = analysis.drift(params, pruned_params, config, tokens, steps,
                           pruned_config=pruned_config, mode="both", prompt_mask=mask,
                           tokenizer=tokenizer, eos_token_ids=eos,
-                          pad_id=_suite.pad_id_of(tokenizer, config))
+                          pad_id=_suite.pad_id_of(tokenizer, config), mesh=mesh)
   result.save(directory, name)
   theorem = analysis.theorem_check(result)
   theorem.save(directory, f"theorem-{name}")
@@ -116,7 +116,8 @@ def drift(params, config, pruned_params, pruned_config, tokenizer, tokens, mask,
 
 
 def option_subspace(params, config, pruned_params, pruned_config, tokenizer,
-                    work: suites.Workload, batch_size: int, directory: str, name: str) -> dict:
+                    work: suites.Workload, batch_size: int, directory: str, name: str,
+                    mesh=None) -> dict:
   """Runs and saves the option-subspace analysis on the evaluated MMLU items; returns its summary
   (rates and means over items) and each option's mean log-probability."""
   rows = [mmlu.prompt_tokens(tokenizer, it) for it in work.mmlu]
@@ -125,7 +126,7 @@ def option_subspace(params, config, pruned_params, pruned_config, tokenizer,
   result = analysis.option_subspace(
       params, pruned_params, config, tokens, letters, answers=[it.answer for it in work.mmlu],
       prompt_mask=mask, pruned_config=pruned_config, batch_size=batch_size,
-      option_labels=mmlu.LETTERS, tokenizer=tokenizer)
+      option_labels=mmlu.LETTERS, tokenizer=tokenizer, mesh=mesh)
   result.save(directory, name)
   return {"summary": suites.jsonable(result.meta["summary"]),
           "options": suites.jsonable(result.table("options"))}

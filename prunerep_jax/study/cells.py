@@ -102,20 +102,21 @@ def _sha256_file(path: str) -> Optional[str]:
 
 # ------------------------------------------------------------------------------- pruning
 
-def drop_order(method: str, params, config, calibration, n_max: int) -> dict:
+def drop_order(method: str, params, config, calibration, n_max: int, mesh=None) -> dict:
   """The n_max sublayers (or blocks) of one kind in drop order, from one scoring pass.
 
   Returns:
     {"order": [layer, ...] (most redundant first), "importance": [per-layer score]}.
   """
   if method == "drop_block":
-    result = prune.drop_blocks(params, config, n_max, calibration=calibration)
+    result = prune.drop_blocks(params, config, n_max, calibration=calibration, mesh=mesh)
     importance = result.report["importance"]["block"]
     # drop_blocks(n) drops the n highest Block Influence scores, ties to the lower layer
     order = sorted(range(config.num_layers), key=lambda l: (-importance[l], l))[:n_max]
   else:
     kind = {"drop_attn": "attn", "drop_mlp": "mlp"}[method]
-    result = prune.drop_sublayers(params, config, n_max, kind=kind, calibration=calibration)
+    result = prune.drop_sublayers(params, config, n_max, kind=kind, calibration=calibration,
+                                  mesh=mesh)
     importance = result.report["importance"][kind]
     order = [d["layer"] for d in result.report["dropped"]]
   return {"order": [int(l) for l in order], "importance": [float(s) for s in importance]}
@@ -129,11 +130,13 @@ class Pruned(NamedTuple):
   info: dict
 
 
-def prune_cell(cell: grid.Cell, params, config, calibration, orders: dict) -> Pruned:
+def prune_cell(cell: grid.Cell, params, config, calibration, orders: dict,
+               mesh=None) -> Pruned:
   """The pruned model of `cell` (dense params are never modified).
 
   Args:
     orders: method -> `drop_order` result, for the drop methods.
+    mesh: None or a device mesh (`prunerep_jax.parallel`) the intra-layer methods run on.
   """
   t0 = time.perf_counter()
   if cell.method == "dense":
@@ -148,6 +151,8 @@ def prune_cell(cell: grid.Cell, params, config, calibration, orders: dict) -> Pr
     return Pruned(new_params, new_config, {"dropped": sorted(chosen),
                                            "time_s": time.perf_counter() - t0})
   kwargs = {} if cell.method == "magnitude" else {"calibration": calibration}
+  if mesh is not None:
+    kwargs["mesh"] = mesh
   result = prune.get(cell.method)(params, config, cell.point, **kwargs)
   return Pruned(result.params, result.config,
                 {"sparsity": float(result.report["sparsity"]),

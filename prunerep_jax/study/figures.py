@@ -1,4 +1,4 @@
-"""The study's figures (matplotlib, Agg backend: no display needed), drawn from the results dict.
+"""The study's figures (matplotlib, Agg backend: no display needed).
 
   sweep-<drop method>.png      the paper's "performance vs dropped layers": fidelity to the dense
                                model per task (non-generative solid, generative dashed) and the
@@ -6,15 +6,11 @@
   sweep-<sparsity method>.png  the paper's Wanda sparsity figure, the same panels against sparsity
                                (N:M patterns as separate markers at their sparsity)
   main-table.png               the paper's Table 1: dense vs drop-4/8 attention and MLP
-  layerwise-drop.png           cos in h, z and p per layer with one sublayer removed (Fig. 2)
-  drift-<cell>.png             KL and cos(p) per decoding step, free vs teacher-forced (Fig. 8)
-  theorem-<source>.png         exact vs second-order estimate of KL and 1 - cos(p) (Fig. 6)
-  option_subspace-<cell>.png   option letters' log-probability, dense vs pruned (Fig. 7)
+  <analysis>.png               every analysis saved under analyses/ (layerwise, drift, theorem
+                               checks, option subspace), drawn by `prunerep_jax.plots` from its
+                               Result files
 
-These are the study's own minimal figures of the analyses; `prunerep_jax.plots` (in progress on
-another branch) draws the analyses' Result files in full.
-TODO(lead): once prunerep_jax.plots is on main, draw the layerwise / drift / theorem / option
-figures with it and keep only the sweep and main-table figures here.
+The sweeps and the main table are drawn from the results dict; the analyses from their files.
 """
 
 from __future__ import annotations
@@ -29,8 +25,7 @@ import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 from matplotlib import ticker  # noqa: E402
 import numpy as np  # noqa: E402
 
-from prunerep_jax import atomic  # noqa: E402
-from prunerep_jax.analysis import Result  # noqa: E402
+from prunerep_jax import atomic, plots  # noqa: E402
 from prunerep_jax.study import grid, report  # noqa: E402
 
 FIDELITY = (  # (suite, key, label, generative?)
@@ -73,20 +68,12 @@ def draw_all(results: dict, out: str) -> list[str]:
       paths.append(sweep(results, method, out))
   if any(report.cell(results, c) for c in report.MAIN_CELLS[1:]):
     paths.append(main_table(results, out))
-  for name, summary in sorted(results["analyses"].items()):
-    if name == "layerwise-drop-final_norm":
-      paths.append(layerwise(summary, "layerwise-drop", out))
-    elif name.startswith("layerwise-") and name.endswith("-final_norm"):
-      paths.append(layerwise(summary, name.removesuffix("-final_norm"), out))
-    if name.startswith("drift-"):
-      paths.append(drift(summary, name, out))
-    if name.startswith("option_subspace-"):
-      paths.append(options(summary, name, out))
-    if name.startswith(("layerwise-", "drift-")) and not name.endswith("-raw"):
-      path = os.path.join(out, "analyses", f"theorem-{name}.json")
-      if os.path.exists(path):
-        paths.append(theorem(Result.load(os.path.join(out, "analyses"), f"theorem-{name}"),
-                             f"theorem-{name}", out))
+  analyses_dir = os.path.join(out, "analyses")
+  if os.path.isdir(analyses_dir):
+    for name, kind in plots.saved_results(analyses_dir):
+      png = os.path.join(out, "figures", f"{name}.png")
+      plots.FIGURES[kind](analyses_dir, name, png, overwrite=True)
+      paths.append(os.path.relpath(png, out))
   return paths
 
 
@@ -163,91 +150,3 @@ def main_table(results: dict, out: str) -> str:
   ax.legend(fontsize=8, ncol=len(rows), loc="upper center", bbox_to_anchor=(0.5, -0.2))
   ax.set_title("Dense vs dropped sublayers across retrieval, multiple choice and generation")
   return _save(fig, out, "main-table")
-
-
-def layerwise(summary: dict, name: str, out: str) -> str:
-  """cos(h), cos(z), cos(p) per layer, one panel per sublayer kind."""
-  lw = summary["layerwise"]
-  fig, axes = plt.subplots(1, 2, figsize=(11, 3.6), sharey=True)
-  for ax, sub in zip(axes, ("attn", "mlp")):
-    for key, color in (("cos_h", "tab:blue"), ("cos_z", "tab:green"), ("cos_p", "tab:red")):
-      ys = [np.nan if v is None else v for v in lw[sub][key]]
-      ax.plot(np.arange(len(ys)), ys, marker=".", color=color, label=key.replace("cos_", "cos "))
-    ax.set_title(f"{'attention' if sub == 'attn' else 'MLP'} sublayer pruned alone")
-    ax.set_xlabel("layer")
-    ax.grid(alpha=0.3)
-  axes[0].set_ylabel("cosine to dense (final-norm lens, T = 1)")
-  axes[0].legend(fontsize=8)
-  fig.suptitle(f"{name}: hidden states (h) and logits (z) barely move, probabilities (p) do",
-               fontsize=10)
-  return _save(fig, out, name)
-
-
-def drift(summary: dict, name: str, out: str) -> str:
-  """KL(dense || pruned) and cos(p) per step, free-running vs teacher-forced."""
-  fig, (kl, cos) = plt.subplots(1, 2, figsize=(11, 3.6))
-  for track, style in (("free", "-"), ("teacher", "--")):
-    steps = summary["steps"].get(track)
-    if steps is None:
-      continue
-    x = np.arange(len(steps["kl"]))
-    kl.plot(x, [np.nan if v is None else v for v in steps["kl"]], style, label=track)
-    cos.plot(x, [np.nan if v is None else v for v in steps["cos_p"]], style, label=track)
-  kl.set_yscale("symlog", linthresh=1e-3)
-  kl.set_title("KL(dense || pruned), nats")
-  cos.set_title("cos(p_dense, p_pruned)")
-  for ax in (kl, cos):
-    ax.set_xlabel("decoding step")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-  fig.suptitle(f"{name}: errors compound once the pruned model feeds on its own tokens",
-               fontsize=10)
-  return _save(fig, out, name)
-
-
-def theorem(result: Result, name: str, out: str) -> str:
-  """Exact value vs its second-order estimate, log-log, per group."""
-  groups = sorted({k.split("/")[0] for k in result.arrays})
-  fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-  for ax, (quantity, title) in zip(axes, (("kl", "KL vs Var_p(dz) / 2T^2"),
-                                          ("one_minus_cos_p", "1 - cos(p) vs Var_r(dz) / 2T^2"))):
-    lo, hi = np.inf, -np.inf
-    for group in groups:
-      if group == "all":
-        continue
-      real = result.arrays.get(f"{group}/{quantity}/real")
-      est = result.arrays.get(f"{group}/{quantity}/estimate")
-      if real is None or real.size == 0:
-        continue
-      ok = (real > 1e-12) & (est > 1e-12)
-      if ok.any():
-        ax.scatter(real[ok], est[ok], s=4, alpha=0.4, label=group)
-        lo = min(lo, real[ok].min(), est[ok].min())
-        hi = max(hi, real[ok].max(), est[ok].max())
-    if np.isfinite(lo):
-      ax.plot([lo, hi], [lo, hi], "k:", linewidth=1, label="estimate = exact")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("exact")
-    ax.set_ylabel("estimate")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=8)
-  fig.suptitle(f"{name}: second-order estimates vs exact values", fontsize=10)
-  return _save(fig, out, name)
-
-
-def options(summary: dict, name: str, out: str) -> str:
-  """Mean log-probability of each option letter, dense vs pruned, with the survival rates."""
-  opts = summary["options"]
-  s = summary["summary"]
-  fig, ax = plt.subplots(figsize=(6, 3.6))
-  x = np.arange(len(opts))
-  ax.bar(x - 0.2, [o["logp_dense_mean"] for o in opts], 0.4, label="dense")
-  ax.bar(x + 0.2, [o["logp_pruned_mean"] for o in opts], 0.4, label="pruned")
-  ax.set_xticks(x, [o["option"] for o in opts])
-  ax.set_ylabel("mean log p of the letter (whole vocabulary)")
-  ax.grid(axis="y", alpha=0.3)
-  ax.legend(fontsize=8)
-  ax.set_title(f"{name}\nglobal top-1 flips on {s['global_top1_flip_rate']:.0%} of items, the "
-               f"option argmax changes on {1 - s['option_argmax_survival_rate']:.0%}", fontsize=9)
-  return _save(fig, out, name)

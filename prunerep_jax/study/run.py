@@ -22,7 +22,7 @@ import dataclasses
 import io
 import os
 import time
-from typing import Optional
+from typing import Any, Optional
 
 import jax.numpy as jnp
 
@@ -54,6 +54,8 @@ class Options:
     execute: run HumanEval completions in the sandbox for pass@1.
     sources: the data (see `suites.Sources`).
     seed: the workload's subsampling and calibration seed.
+    mesh: None or a device mesh (`prunerep_jax.parallel`) everything runs on; results do not
+      depend on it (up to float rounding), so it is not part of any fingerprint.
   """
 
   model_id: str
@@ -63,6 +65,7 @@ class Options:
   execute: bool = False
   sources: suites.Sources = suites.Sources()
   seed: int = 0
+  mesh: Any = None
 
 
 def run(model, profile: grid.Profile, out: str, options: Options,
@@ -166,7 +169,8 @@ def run(model, profile: grid.Profile, out: str, options: Options,
     t0 = time.perf_counter()
     dense = suites.evaluate(dense_params, config, tokenizer, work, profile.sizes,
                             batch_size=options.batch_size, gen_batch_size=options.gen_batch_size,
-                            execute=options.execute, progress=progress(dense_cell.label))
+                            execute=options.execute, progress=progress(dense_cell.label),
+                            mesh=options.mesh)
     record, arrays = suites.to_json(dense)
     cached[dense_cell] = {"evaluation": suites.jsonable(record),
                           **_cell_record(dense_cell, dense, {"time_s": 0.0})}
@@ -183,7 +187,8 @@ def run(model, profile: grid.Profile, out: str, options: Options,
       orders[method] = store.read(f"scores-{method}", fp)
       if orders[method] is None:
         console.status(f"scoring {method} (one calibration pass)")
-        orders[method] = cells.drop_order(method, params, config, work.calibration, n_max)
+        orders[method] = cells.drop_order(method, params, config, work.calibration, n_max,
+                                          mesh=options.mesh)
         store.write(f"scores-{method}", fp, orders[method])
     return orders[method]
 
@@ -207,7 +212,7 @@ def run(model, profile: grid.Profile, out: str, options: Options,
     for lens in plan.lenses:
       analysis(f"layerwise-drop-{lens}", lambda lens=lens: analyses.layerwise(
           dense_params, config, tokens, mask, everything, lens, plan.decode_steps, analyses_dir,
-          f"layerwise-drop-{lens}"))
+          f"layerwise-drop-{lens}", mesh=options.mesh))
 
   # ------------------------------------------------------------------------------- cells
   for cell in todo[1:]:
@@ -220,13 +225,14 @@ def run(model, profile: grid.Profile, out: str, options: Options,
     t0 = time.perf_counter()
     console.status(f"[{done + 1:>2}/{total}] {cell.label}: pruning")
     order = {cell.method: order_of(cell.method)} if cell.method in grid.DROP_METHODS else {}
-    pruned = cells.prune_cell(cell, params, config, work.calibration, order)
+    pruned = cells.prune_cell(cell, params, config, work.calibration, order, mesh=options.mesh)
     p_params = to_eval(pruned.params)
     if cached[cell] is None:
       evaluation = suites.evaluate(
           p_params, pruned.config, tokenizer, work, profile.sizes, batch_size=options.batch_size,
           gen_batch_size=options.gen_batch_size, execute=options.execute, dense=dense,
-          dense_params=dense_params, dense_config=config, progress=progress(cell.label))
+          dense_params=dense_params, dense_config=config, progress=progress(cell.label),
+          mesh=options.mesh)
       cached[cell] = _cell_record(cell, evaluation, pruned.info)
       store.write(cell.id, cell_fp(cell), cached[cell])
       finished(f"cell:{cell.method}", cell.label, time.perf_counter() - t0,
@@ -334,12 +340,13 @@ def _setting_analysis(name, cell, dense_params, config, p_params, p_config, toke
   if kind == "layerwise":
     lens = name.rsplit("-", 1)[1]
     return lambda: analyses.layerwise(dense_params, config, tokens, mask, p_params, lens,
-                                      plan.decode_steps, directory, name)
+                                      plan.decode_steps, directory, name, mesh=options.mesh)
   if kind == "drift":
     return lambda: analyses.drift(dense_params, config, p_params, p_config, tokenizer, tokens,
-                                  mask, plan.drift_steps, directory, name)
+                                  mask, plan.drift_steps, directory, name, mesh=options.mesh)
   return lambda: analyses.option_subspace(dense_params, config, p_params, p_config, tokenizer,
-                                          work, options.batch_size, directory, name)
+                                          work, options.batch_size, directory, name,
+                                          mesh=options.mesh)
 
 
 def _write_outputs(results: dict, out: str) -> None:

@@ -127,7 +127,7 @@ class Evaluation:
 def evaluate(params, config, tokenizer, work: Workload, sizes: grid.EvalSizes, *,
              batch_size: int, gen_batch_size: int, execute: bool = False,
              dense: Optional[Evaluation] = None, dense_params=None, dense_config=None,
-             progress: Optional[Progress] = None) -> Evaluation:
+             progress: Optional[Progress] = None, mesh=None) -> Evaluation:
   """Every suite on one model; with `dense` (and its params for the next-token KL), fidelity to it.
 
   Args:
@@ -141,6 +141,7 @@ def evaluate(params, config, tokenizer, work: Workload, sizes: grid.EvalSizes, *
     dense: the dense model's Evaluation; None evaluates the dense model itself.
     dense_params, dense_config: the dense model, for the next-token KL (with `dense`).
     progress: called with one line per batch of every suite.
+    mesh: None or a device mesh (`prunerep_jax.parallel`) every suite runs on.
   """
   quiet = progress or (lambda line: None)
   raw, timings = {}, {}
@@ -152,19 +153,20 @@ def evaluate(params, config, tokenizer, work: Workload, sizes: grid.EvalSizes, *
     return out
 
   raw["mmlu"] = timed("mmlu", lambda: mmlu.evaluate(params, config, tokenizer, work.mmlu,
-                                                    batch_size=batch_size, progress=quiet))
+                                                    batch_size=batch_size, progress=quiet,
+                                                    mesh=mesh))
   retrieval_result, emb = timed("retrieval", lambda: retrieval.evaluate(
       params, config, work.passages, batch_size=batch_size, progress=quiet,
-      dense=None if dense is None else dense.embeddings))
+      dense=None if dense is None else dense.embeddings, mesh=mesh))
   raw["retrieval"] = retrieval_result
 
   def perplexity():
-    out = ppl_lib.perplexity(params, config, work.heldout, batch_size=batch_size)
+    out = ppl_lib.perplexity(params, config, work.heldout, batch_size=batch_size, mesh=mesh)
     if dense is None:
       out.update(kl=0.0, top1_agreement=1.0)  # the dense model against itself
     else:
       kl = ppl_lib.next_token_kl(dense_params, params, dense_config, config, work.heldout,
-                                 batch_size=batch_size)
+                                 batch_size=batch_size, mesh=mesh)
       out.update(kl=kl["kl"], top1_agreement=kl["top1_agreement"])
     quiet(f"perplexity: {work.heldout.shape[0]} windows, ppl {out['ppl']:.2f}")
     return out
@@ -172,10 +174,10 @@ def evaluate(params, config, tokenizer, work: Workload, sizes: grid.EvalSizes, *
   raw["perplexity"] = timed("perplexity", perplexity)
   raw["gsm8k"] = timed("gsm8k", lambda: gsm8k.evaluate(
       params, config, tokenizer, work.gsm8k, max_new_tokens=sizes.max_new_tokens,
-      batch_size=gen_batch_size, progress=quiet))
+      batch_size=gen_batch_size, progress=quiet, mesh=mesh))
   raw["humaneval"] = timed("humaneval", lambda: humaneval.evaluate(
       params, config, tokenizer, work.humaneval, max_new_tokens=sizes.max_new_tokens,
-      batch_size=gen_batch_size, execute=execute, progress=quiet))
+      batch_size=gen_batch_size, execute=execute, progress=quiet, mesh=mesh))
   reference = raw if dense is None else dense.raw
   reference_emb = emb if dense is None else dense.embeddings
   metrics = summarize(reference, raw, reference_emb, emb)

@@ -29,7 +29,7 @@ from typing import Any, Optional
 import numpy as np
 
 from prunerep_jax import progress as progress_lib
-from prunerep_jax import batching
+from prunerep_jax import batching, parallel
 from prunerep_jax import decode
 from prunerep_jax.config import Config
 from prunerep_jax.tasks import _suite
@@ -103,7 +103,7 @@ def eos_ids(tokenizer, config: Config) -> tuple[int, ...]:
 
 def generate(params, config: Config, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
              batch_size: int, eos: tuple[int, ...], pad_id: int,
-             reporter: progress_lib.Reporter) -> list[list[int]]:
+             reporter: progress_lib.Reporter, mesh=None) -> list[list[int]]:
   """Greedy continuations of token prompts, batched; returns each prompt's valid new tokens.
 
   Args:
@@ -113,14 +113,18 @@ def generate(params, config: Config, prompts: Sequence[Sequence[int]], *, max_ne
     eos: ids that end a row (kept in its output).
     pad_id: id for prompt padding and for steps after a row's EOS (never returned).
     reporter: called with the number of items done after each batch.
+    mesh: None or a ("data", "model") mesh (`prunerep_jax.parallel`): each batch is split over its
+      data axis (`decode.generate` places params and prompts).
   """
   outputs: list[Optional[list[int]]] = [None] * len(prompts)
   done = 0
   room = config.max_position_embeddings - max_new_tokens
-  for batch in batching.token_batches(prompts, batch_size, pad_id, max_length=room if room > 0 else None):
+  for batch in batching.token_batches(prompts, batch_size, pad_id,
+                                      max_length=room if room > 0 else None,
+                                      multiple_of=parallel.padded_size(1, mesh)):
     gen = decode.generate(params, config, batch.tokens, max_new_tokens, prompt_mask=batch.mask,
-                          temperature=0.0, eos_token_ids=eos, pad_id=pad_id)
-    tokens, lengths = np.asarray(gen.tokens), np.asarray(gen.lengths)
+                          temperature=0.0, eos_token_ids=eos, pad_id=pad_id, mesh=mesh)
+    tokens, lengths = parallel.fetch((gen.tokens, gen.lengths))
     for b, i in enumerate(batch.rows):
       outputs[i] = tokens[b, :lengths[b]].tolist()
     done += len(batch.rows)

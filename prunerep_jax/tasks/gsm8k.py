@@ -28,6 +28,7 @@ import decimal
 import re
 from typing import Any, Optional, Sequence
 
+from prunerep_jax import parallel
 from prunerep_jax import progress as progress_lib
 from prunerep_jax import validate
 from prunerep_jax.config import Config
@@ -164,7 +165,7 @@ def prompt_tokens(tokenizer, item: Item, few_shot: Sequence[Item] = ()) -> list[
 
 def evaluate(params, config: Config, tokenizer, items: Sequence[Item], *,
              max_new_tokens: int = 256, batch_size: int = 8, few_shot: Sequence[Item] = (),
-             progress: progress_lib.Progress = None) -> dict:
+             progress: progress_lib.Progress = None, mesh=None) -> dict:
   """Greedy answers to GSM8K problems, scored by exact match of the final number.
 
   Args:
@@ -175,6 +176,8 @@ def evaluate(params, config: Config, tokenizer, items: Sequence[Item], *,
     batch_size: prompts per generation batch (fixed; the last is padded with dummy rows).
     few_shot: exemplar items shown before each question (none by default); not in `items`.
     progress: called with one line per batch (None: absl logging at INFO).
+    mesh: None or a ("data", "model") mesh / spec (`prunerep_jax.parallel`): params placed on
+      it, each batch split over its data axis.
 
   Returns:
     A JSON-serialisable dict: suite "gsm8k", n, accuracy, answered (fraction of outputs with a
@@ -193,10 +196,13 @@ def evaluate(params, config: Config, tokenizer, items: Sequence[Item], *,
   _generation.prompt_lengths_fit(fn, [len(p) for p in prompts], [it.id for it in items], config,
                                  max_new_tokens)
   eos = _generation.eos_ids(tokenizer, config)
+  mesh = parallel.as_mesh(fn, mesh)
+  if mesh is not None:
+    params = parallel.shard_params(params, config, mesh)
   outputs = _generation.generate(
       params, config, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, eos=eos,
       pad_id=_suite.pad_id_of(tokenizer, config),
-      reporter=progress_lib.Reporter("gsm8k", len(items), "items", progress))
+      reporter=progress_lib.Reporter("gsm8k", len(items), "items", progress), mesh=mesh)
   rows = []
   for it, tokens in zip(items, outputs):
     text = _generation.decode_text(tokenizer, tokens)

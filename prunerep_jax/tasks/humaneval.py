@@ -51,6 +51,7 @@ import sys
 import tempfile
 from typing import Any, Optional, Sequence
 
+from prunerep_jax import parallel
 from prunerep_jax import progress as progress_lib
 from prunerep_jax import atomic, validate
 from prunerep_jax.config import Config
@@ -248,7 +249,8 @@ def _kill_group(proc: subprocess.Popen) -> None:
 
 def evaluate(params, config: Config, tokenizer, items: Sequence[Item], *,
              max_new_tokens: int = 256, batch_size: int = 8, execute: bool = False,
-             timeout: float = 10.0, progress: progress_lib.Progress = None) -> dict:
+             timeout: float = 10.0, progress: progress_lib.Progress = None,
+             mesh=None) -> dict:
   """Greedy completions of HumanEval prompts; pass@1 only with `execute=True`.
 
   Args:
@@ -261,6 +263,8 @@ def evaluate(params, config: Config, tokenizer, items: Sequence[Item], *,
       Off by default: it executes model-written code.
     timeout: per-program wall-clock limit in seconds when executing.
     progress: called with one line per batch (None: absl logging at INFO).
+    mesh: None or a ("data", "model") mesh / spec (`prunerep_jax.parallel`): params placed on
+      it, each batch split over its data axis.
 
   Returns:
     A JSON-serialisable dict: suite "humaneval", n, pass_at_1 (None unless execute), executed,
@@ -282,9 +286,13 @@ def evaluate(params, config: Config, tokenizer, items: Sequence[Item], *,
                                  max_new_tokens)
   eos = _generation.eos_ids(tokenizer, config)
   report = progress_lib.Reporter("humaneval", len(items), "problems", progress)
+  mesh = parallel.as_mesh(fn, mesh)
+  if mesh is not None:
+    params = parallel.shard_params(params, config, mesh)
   outputs = _generation.generate(params, config, prompts, max_new_tokens=max_new_tokens,
                                  batch_size=batch_size, eos=eos,
-                                 pad_id=_suite.pad_id_of(tokenizer, config), reporter=report)
+                                 pad_id=_suite.pad_id_of(tokenizer, config), reporter=report,
+                                 mesh=mesh)
   rows, stopped = [], []
   for it, tokens in zip(items, outputs):
     full = _generation.decode_text(tokenizer, tokens)

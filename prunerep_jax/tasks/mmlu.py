@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from prunerep_jax import progress as progress_lib
-from prunerep_jax import batching
+from prunerep_jax import batching, parallel
 from prunerep_jax import validate
 from prunerep_jax.config import Config
 from prunerep_jax.loading.tokenizer import chat_prompt
@@ -187,7 +187,7 @@ def _score(params, config: Config, tokens, mask, letters):
 
 
 def evaluate(params, config: Config, tokenizer, items: Sequence[Item], *, batch_size: int = 8,
-             progress: progress_lib.Progress = None) -> dict:
+             progress: progress_lib.Progress = None, mesh=None) -> dict:
   """Scores each item's four options by the log-likelihood of their letters.
 
   Args:
@@ -196,6 +196,8 @@ def evaluate(params, config: Config, tokenizer, items: Sequence[Item], *, batch_
     items: from `load`.
     batch_size: prompts per forward pass (fixed; the last batch is padded with dummy rows).
     progress: called with one line per batch (None: absl logging at INFO).
+    mesh: None or a ("data", "model") mesh / spec (`prunerep_jax.parallel`): params placed on
+      it, each batch split over its data axis.
 
   Returns:
     A JSON-serialisable dict: suite "mmlu", n, accuracy, accuracy_by_topic, letter_mass_mean
@@ -215,16 +217,22 @@ def evaluate(params, config: Config, tokenizer, items: Sequence[Item], *, batch_
                      f"{config.vocab_size}; tokenizer and model do not match")
   prompts = [prompt_tokens(tokenizer, it) for it in items]
   _check_lengths(fn, prompts, items, config)
+  mesh = parallel.as_mesh(fn, mesh)
+  if mesh is not None:
+    params = parallel.shard_params(params, config, mesh)
   report = progress_lib.Reporter("mmlu", len(items), "items", progress)
   logps = np.zeros((len(items), 4), np.float64)
   top1 = np.zeros(len(items), np.int64)
   done = 0
   pad = _suite.pad_id_of(tokenizer, config)
-  for batch in batching.token_batches(prompts, batch_size, pad, config.max_position_embeddings):
-    lp, t1 = _score(params, config, batch.tokens, batch.mask, jnp.asarray(letters, jnp.int32))
+  for batch in batching.token_batches(prompts, batch_size, pad, config.max_position_embeddings,
+                                      multiple_of=parallel.padded_size(1, mesh)):
+    lp, t1 = parallel.fetch(_score(params, config, parallel.put_batch(batch.tokens, mesh),
+                                   parallel.put_batch(batch.mask, mesh),
+                                   jnp.asarray(letters, jnp.int32)))
     real = len(batch.rows)
-    logps[batch.rows] = np.asarray(lp)[:real]
-    top1[batch.rows] = np.asarray(t1)[:real]
+    logps[batch.rows] = lp[:real]
+    top1[batch.rows] = t1[:real]
     done += real
     report(done)
   chosen = np.argmax(logps, axis=1)

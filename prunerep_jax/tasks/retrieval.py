@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from prunerep_jax import progress as progress_lib
-from prunerep_jax import batching
+from prunerep_jax import batching, parallel
 from prunerep_jax import data, validate
 from prunerep_jax.config import Config
 from prunerep_jax.model import forward
@@ -108,23 +108,30 @@ def _mean_pool(params, config: Config, tokens, mask):
 
 
 def embed(params, config: Config, rows: Sequence[Sequence[int]], *, batch_size: int = 8,
-          progress: progress_lib.Progress = None) -> np.ndarray:
+          progress: progress_lib.Progress = None, mesh=None) -> np.ndarray:
   """Mean-pooled final hidden states of token rows (any lengths), float32 [R, D].
 
-  Rows are batched left-padded (`batching.token_batches`); padding is masked out of the attention and
-  of the mean, so a row's embedding does not depend on its batch.
+  Rows are batched left-padded (`batching.token_batches`); padding is masked out of the attention
+  and of the mean, so a row's embedding does not depend on its batch. With a mesh (a
+  `prunerep_jax.parallel` mesh or spec) the params are placed on it and each batch split over its
+  data axis.
   """
   fn = "retrieval.embed"
   validate.params(fn, params, config)
   batch_size = validate.integer(fn, "batch_size", batch_size, minimum=1)
   progress_lib.check_progress(fn, progress)
   rows = _check_rows(fn, rows, config)
+  mesh = parallel.as_mesh(fn, mesh)
+  if mesh is not None:
+    params = parallel.shard_params(params, config, mesh)
   report = progress_lib.Reporter("retrieval", len(rows), "texts", progress)
   out = np.zeros((len(rows), config.hidden_size), np.float32)
   done = 0
-  for batch in batching.token_batches(rows, batch_size, 0, config.max_position_embeddings):
-    pooled = _mean_pool(params, config, batch.tokens, batch.mask)
-    out[batch.rows] = np.asarray(pooled)[:len(batch.rows)]
+  for batch in batching.token_batches(rows, batch_size, 0, config.max_position_embeddings,
+                                      multiple_of=parallel.padded_size(1, mesh)):
+    pooled = _mean_pool(params, config, parallel.put_batch(batch.tokens, mesh),
+                        parallel.put_batch(batch.mask, mesh))
+    out[batch.rows] = parallel.fetch(pooled)[:len(batch.rows)]
     done += len(batch.rows)
     report(done)
   return out
@@ -153,14 +160,14 @@ def _check_rows(fn: str, rows: Any, config: Config) -> list[np.ndarray]:
 
 
 def encode(params, config: Config, passages: Passages, *, batch_size: int = 8,
-           progress: progress_lib.Progress = None) -> Embeddings:
+           progress: progress_lib.Progress = None, mesh=None) -> Embeddings:
   """Embeddings of every passage's query and key half (2P texts, one progress count)."""
   if not isinstance(passages, Passages):
     raise validate.fail("retrieval.encode", "passages", passages, "Passages (from "
                         "retrieval.load)", error=TypeError)
   P = len(passages.ids)
   emb = embed(params, config, list(passages.queries) + list(passages.keys),
-              batch_size=batch_size, progress=progress)
+              batch_size=batch_size, progress=progress, mesh=mesh)
   return Embeddings(emb[:P], emb[P:])
 
 
@@ -235,7 +242,7 @@ def _check_embeddings(fn: str, name: str, emb: Any) -> None:
 
 def evaluate(params, config: Config, passages: Passages, *, batch_size: int = 8,
              dense: Optional[Embeddings] = None,
-             progress: progress_lib.Progress = None) -> tuple[dict, Embeddings]:
+             progress: progress_lib.Progress = None, mesh=None) -> tuple[dict, Embeddings]:
   """`encode` then `score`, plus `compare` against the dense embeddings when given.
 
   Returns:
@@ -243,7 +250,7 @@ def evaluate(params, config: Config, passages: Passages, *, batch_size: int = 8,
     when `dense` is given, and this model's embeddings (pass them as `dense` when evaluating
     pruned models against this one).
   """
-  emb = encode(params, config, passages, batch_size=batch_size, progress=progress)
+  emb = encode(params, config, passages, batch_size=batch_size, progress=progress, mesh=mesh)
   result = score(emb)
   if dense is not None:
     result.update({k: v for k, v in compare(dense, emb).items() if k not in result})
