@@ -210,49 +210,98 @@ def compare_logits(z_dense: Array, z_pruned: Array, temperature: float = 1.0) ->
   1 - cos(z, z'); the parallel / orthogonal parts of dz (relative to |z|); RMS of dz; cos(p, p'),
   1 - cos(p, p') and its Theorem 2 estimate; KL(p || p') and its Theorem 3 estimate; whether the
   two argmax tokens agree. Each value equals its stand-alone function (`one_minus_cosine`, `kl`,
-  ...), but the log-softmax, p, dz and the log-ratio are computed once and shared, and leading
-  axes are flattened first (XLA:CPU reduces [1, C, V] far more slowly than [C, V]).
+  ...), but the log-softmax, p, dz and the log-ratio are computed once and shared. The work runs
+  vocabulary-major (see `compare_logits_vocab_major`); callers that can produce the logits in
+  that layout directly should call that function.
   """
   temperature = _temperature("compare_logits", temperature)
   zd, zp = _f32(z_dense, z_pruned)
   lead = zd.shape[:-1]
-  zd, zp = zd.reshape(-1, zd.shape[-1]), zp.reshape(-1, zp.shape[-1])
-  dz = zp - zd
-  logp = jax.nn.log_softmax(zd / temperature, axis=-1)
-  p = jnp.exp(logp)
-  u = dz / temperature
-  v = u - _dot(p, u)[..., None]
-  small = jnp.max(jnp.abs(v), axis=-1) <= 20.0
-  a = _dot(p, _expm1_minus_x(jnp.minimum(v, 20.0)))
-  b = _dot(p, v)
-  # log E_p[exp(v)], so that log p' = log p + v - log_z exactly (p' = softmax(z' / T)).
-  log_z = jnp.where(small, jnp.log1p(a + b), jax.nn.logsumexp(logp + v, axis=-1))
-  ratio = v - log_z[..., None]  # log p' - log p, from the change itself
-  q = p * jnp.exp(ratio)
-  dp = jnp.where(ratio < 1.0, p * jnp.expm1(jnp.minimum(ratio, 1.0)), q - p)
-  one_minus_cos_p = _one_minus_cosine(p, q, dp)
-  r = jax.nn.softmax(2.0 * logp, axis=-1)  # p^2 normalised, in log space
-  one_minus_cos_z = _one_minus_cosine(zd, zp, dz)
-  zz = _dot(zd, zd)
-  alpha = _dot(dz, zd) / jnp.where(zz > 0, zz, 1.0)
-  perp = dz - alpha[..., None] * zd
-  norm_z = jnp.sqrt(zz)
-  out = {
-      "cos_z": _cosine_from(zd, zp, one_minus_cos_z),
-      "one_minus_cos_z": one_minus_cos_z,
-      "par_z": jnp.abs(alpha),
-      "perp_z": jnp.sqrt(_dot(perp, perp)) / jnp.where(norm_z > 0, norm_z, 1.0),
-      "rms_dz": jnp.sqrt(jnp.mean(jnp.square(dz), axis=-1)),
-      "cos_p": _cosine_from(p, q, one_minus_cos_p),
-      "one_minus_cos_p": one_minus_cos_p,
-      "cos_p_estimate": _weighted_var(u, r) / 2.0,
-      "kl": jnp.maximum(log_z - b, 0.0),
-      "kl_estimate": _dot(p, jnp.square(v)) / 2.0,
-      # top_k, not argmax: XLA:CPU does not vectorise argmax over the vocabulary
-      "top1_agree": (jax.lax.top_k(zd, 1)[1][..., 0] ==
-                     jax.lax.top_k(zp, 1)[1][..., 0]).astype(jnp.float32),
-  }
+  out = compare_logits_vocab_major(zd.reshape(-1, zd.shape[-1]).T,
+                                   zp.reshape(-1, zp.shape[-1]).T, temperature)
   return {k: x.reshape(lead) for k, x in out.items()}
+
+
+def compare_logits_vocab_major(z_dense: Array, z_pruned: Array, temperature: float) -> dict:
+  """`compare_logits` on vocabulary-major logits [V, N] -> dict of [N].
+
+  Every reduction runs over the LEADING axis: XLA:CPU vectorises a reduction over a non-minor
+  axis across the minor one, and reduces [V, N] about 10x faster than [N, V] (a row-wise dot
+  product of two [592, 49152] float32 arrays: 5.6 ms vs 57 ms on 2 cores). Two transcendental
+  functions per vocabulary entry do all the work (exp for p, expm1 for the change); p', the
+  log-ratio and p' - p follow from them algebraically. temperature may be traced.
+  """
+  zd, zp = _f32(z_dense, z_pruned)
+
+  def dot(x, y):  # [V, N] x2 -> [N]
+    return jnp.sum(x * y, axis=0)
+
+  dz = zp - zd
+  shifted = zd / temperature - jnp.max(zd / temperature, axis=0, keepdims=True)
+  e = jnp.exp(shifted)
+  total = jnp.sum(e, axis=0)
+  p = e / total[None]
+  logp = shifted - jnp.log(total)[None]
+  u = dz / temperature
+  v = u - dot(p, u)[None]
+  b = dot(p, v)  # zero up to rounding
+  # E = exp(v) - 1. With Z = E_p[exp(v)] = 1 + E_p[E], KL = log Z - E_p[v] and p' = p exp(v) / Z.
+  # E_p[E] = E_p[exp(v) - 1 - v] + E_p[v]: the first sum has nonnegative terms (a Taylor series
+  # below |v| = 0.5), so it keeps float32's relative precision however small the change.
+  def change(safe: bool):
+    # safe: some column's exp(v) could overflow; those take the log-sum-exp form (one more exp
+    # per entry, so it runs only for chunks that need it).
+    vc = jnp.minimum(v, 60.0) if safe else v
+    E = jnp.expm1(vc)
+    small = jnp.abs(vc) < 0.5
+    t = jnp.where(small, vc, 0.0)
+    series = t * t * (1 / 2 + t * (1 / 6 + t * (1 / 24 + t * (1 / 120 + t * (
+        1 / 720 + t * (1 / 5040 + t * (1 / 40320 + t / 362880)))))))
+    a = dot(p, jnp.where(small, series, E - vc))
+    log_z = jnp.log1p(a + b)
+    z_minus_1 = a + b
+    # p' - p = p (exp(v) - Z) / Z = p (E - (Z - 1)) / Z, from the change itself.
+    dp = p * (E - z_minus_1[None]) * (1.0 / (1.0 + z_minus_1))[None]
+    if safe:
+      big = jnp.max(v, axis=0) > 60.0
+      log_z = jnp.where(big, jax.nn.logsumexp(logp + v, axis=0), log_z)
+      dp = jnp.where(big[None], jnp.exp(logp + v - log_z[None]) - p, dp)
+    return log_z, dp
+
+  log_z, dp = jax.lax.cond(jnp.max(v) > 60.0, lambda: change(True), lambda: change(False))
+  q = p + dp
+  r = jnp.square(p) / jnp.sum(jnp.square(p), axis=0, keepdims=True)  # p^2 normalised
+
+  def one_minus_cos(x, xp, d):  # `one_minus_cosine` over axis 0, plus cos, alpha, |d_perp|/|x|
+    xx, pp, xxp = dot(x, x), dot(xp, xp), dot(x, xp)
+    alpha = dot(d, x) / jnp.where(xx > 0, xx, 1.0)
+    perp = d - alpha[None] * x
+    nx, np_ = jnp.sqrt(xx), jnp.sqrt(pp)
+    denom = nx * np_ * (nx * np_ + xxp)
+    value = xx * dot(perp, perp) / jnp.where(denom > 0, denom, 1.0)
+    zero = (xx == 0) | (pp == 0)
+    cos = xxp / jnp.where(zero, 1.0, nx * np_)
+    return (jnp.where(zero, jnp.where((xx == 0) & (pp == 0), 0.0, 1.0), value),
+            jnp.where(zero, 0.0, cos), alpha, jnp.sqrt(dot(perp, perp)) / jnp.where(
+                nx > 0, nx, 1.0))
+
+  omc_p, cos_p, _, _ = one_minus_cos(p, q, dp)
+  omc_z, cos_z, alpha_z, perp_z = one_minus_cos(zd, zp, dz)
+  mean_u = dot(r, u)
+  return {
+      # 1 - (1 - cos) near 1, where that is the accurate form; the plain ratio elsewhere
+      "cos_z": jnp.where(omc_z < 0.5, 1.0 - omc_z, cos_z),
+      "one_minus_cos_z": omc_z,
+      "par_z": jnp.abs(alpha_z),
+      "perp_z": perp_z,
+      "rms_dz": jnp.sqrt(jnp.mean(jnp.square(dz), axis=0)),
+      "cos_p": jnp.where(omc_p < 0.5, 1.0 - omc_p, cos_p),
+      "one_minus_cos_p": omc_p,
+      "cos_p_estimate": dot(r, jnp.square(u - mean_u[None])) / 2.0,
+      "kl": jnp.maximum(log_z - b, 0.0),
+      "kl_estimate": dot(p, jnp.square(v)) / 2.0,
+      "top1_agree": (jnp.argmax(zd, axis=0) == jnp.argmax(zp, axis=0)).astype(jnp.float32),
+  }
 
 
 def theorem1_estimate(x: Array, x_pruned: Array) -> Array:
