@@ -2,7 +2,10 @@
 figures drawn from a results dict (no model involved)."""
 
 import io
+import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
 
 from prunerep_jax.study import figures, grid, report
@@ -182,12 +185,25 @@ def test_report_markdown_and_tables():
 
 
 def test_figures_are_written(tmp_path):
+  """Suite figures from the results; analysis figures from the result files saved under
+  OUT/analyses (here a real drift result of a tiny model), through prunerep_jax.plots."""
   r = results(PAPER_LIKE, ANALYSES)
   paths = figures.draw_all(r, str(tmp_path))
+  assert sorted(p.split("/")[-1] for p in paths) == [
+      "main-table.png", "sweep-drop_attn.png", "sweep-drop_mlp.png", "sweep-wanda.png"]
+  sys.path.insert(0, str(Path(__file__).parents[1] / "tasks"))
+  import _tiny_model as tiny  # pylint: disable=import-outside-toplevel
+  from prunerep_jax.analysis import drift  # pylint: disable=import-outside-toplevel
+  from prunerep_jax.prune.drop import drop_listed  # pylint: disable=import-outside-toplevel
+  config, params = tiny.config(), tiny.params(0)
+  tokens = np.random.default_rng(0).integers(3, tiny.VOCAB, size=(2, 6)).astype(np.int32)
+  pruned = drop_listed(params, config, [(0, "attn")])
+  drift(params, pruned.params, config, tokens, 3).save(str(tmp_path / "analyses"),
+                                                      "drift-drop_attn-4")
+  paths = figures.draw_all(r, str(tmp_path))
   names = sorted(p.split("/")[-1] for p in paths)
-  assert names == ["drift-drop_attn-4.png", "layerwise-drop.png", "main-table.png",
-                   "option_subspace-drop_attn-4.png", "sweep-drop_attn.png", "sweep-drop_mlp.png",
-                   "sweep-wanda.png"]
+  assert names == ["drift-drop_attn-4.png", "main-table.png", "sweep-drop_attn.png",
+                   "sweep-drop_mlp.png", "sweep-wanda.png"]
   for p in paths:
     assert (tmp_path / p).read_bytes()[:4] == b"\x89PNG"
 

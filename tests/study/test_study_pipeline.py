@@ -85,7 +85,7 @@ def test_writes_every_output(first):
     assert (out / path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", path
     assert f"]({path})" in report
   figures = {Path(p).name for p in results["figures"]}
-  assert {"sweep-drop_attn.png", "sweep-drop_mlp.png", "sweep-magnitude.png", "layerwise-drop.png",
+  assert {"sweep-drop_attn.png", "sweep-drop_mlp.png", "sweep-magnitude.png", "layerwise-drop-final_norm.png",
           "drift-drop_attn-1.png", "option_subspace-drop_attn-1.png",
           "theorem-layerwise-drop-final_norm.png"} <= figures
   for name in ("layerwise-drop-final_norm", "theorem-layerwise-drop-final_norm",
