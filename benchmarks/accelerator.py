@@ -19,8 +19,10 @@ bf16-rounded weights on both sides):
     measured in JAX as a jitted x + 1 over a --copy_mb buffer (read + write bytes per second);
   * Wanda and SparseGPT, unstructured --sparsity, calibrated on --nsamples x --seqlen random
     token windows (seed 0; a random-weight model has no text to prefer), wall time of the whole
-    call (calibration forward + pruning) with jit compilation, then the same call again with
-    every shape compiled; the calibration forward and pruning phases are the call's own timings;
+    call (calibration forward + pruning) with jit compilation (the first call of that method in
+    the process; a block forward an earlier method compiled is reused), then the same call again
+    with every shape compiled; the calibration forward and pruning phases are the call's own
+    timings;
   * the PyTorch port of the published pruning code (`benchmarks/torch_prune.py`, window by
     window with hooks, as the reference scripts run) on the same device and dtype, last.
 
@@ -170,7 +172,6 @@ def _bench_torch(args, out: dict) -> None:
   if args.skip_torch:
     return
   model = model.to(getattr(torch, dtype))
-  model.config.use_cache = True
   out["weight_bytes"] = _weight_bytes(p.detach() for p in model.parameters())
   vocab = model.config.vocab_size
   sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
@@ -226,7 +227,8 @@ def _device_info() -> dict:
   info = {"backend": jax.default_backend(), "device_kind": dev.device_kind,
           "device_count": jax.device_count(), "jax_version": jax.__version__,
           "jaxlib_version": jaxlib.__version__,
-          "platform_version": getattr(dev.client, "platform_version", None),
+          "platform_version": getattr(getattr(dev, "client", None), "platform_version", None),
+          # What JAX's allocator may use (by default 75% of an accelerator's memory).
           "device_memory_gb": stats["bytes_limit"] / 1e9 if "bytes_limit" in stats else None}
   capability = getattr(dev, "compute_capability", None)
   if capability is not None:
@@ -473,7 +475,7 @@ def _header(args, ours: dict, torch_: dict, dtype: str, load: tuple) -> list:
       f"{ours.get('platform_version') or '-'}), torch {torch_.get('torch_version', '-')}, "
       f"transformers {torch_.get('transformers_version', '-')}",
       f"jax device: {ours.get('device_kind', '-')} x{ours.get('device_count', '-')}"
-      + (f", {mem:.1f} GB" if mem else "") + cc
+      + (f", {mem:.1f} GB for JAX's allocator" if mem else "") + cc
       + f"; torch device: {torch_.get('device', '-')} ({torch_.get('device_name') or '-'})",
       f"repeats={args.repeats} (medians), decode_tokens={args.decode_tokens} after a "
       f"{ms.PROMPT_LEN}-token prompt, calibration {args.nsamples} x {args.seqlen} random windows "
