@@ -29,15 +29,6 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-# Llama-3.2-1B (meta-llama/Llama-3.2-1B config.json), written out so nothing is downloaded.
-LLAMA_3_2_1B = dict(
-    vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-    num_attention_heads=32, num_key_value_heads=8, head_dim=64, rms_norm_eps=1e-5,
-    max_position_embeddings=131072, tie_word_embeddings=True, bos_token_id=128000,
-    eos_token_id=128001,
-    rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0,
-                     "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                     "original_max_position_embeddings": 8192})
 TARGET = 1.3
 _RESULT = "RESULT "
 
@@ -67,16 +58,10 @@ def _status_kib(field: str) -> int:
 
 
 def _build(path: str) -> None:
-  """Saves a random-weight Llama-3.2-1B-shaped model in bf16 (weights drawn by transformers'
-  own initialisation, directly in bf16 so the builder never holds a float32 copy)."""
-  import torch
-  import transformers
+  """Saves a random-weight Llama-3.2-1B-shaped model in bf16 (see `random_llama.build`)."""
+  from benchmarks import random_llama
 
-  torch.manual_seed(0)
-  config = transformers.LlamaConfig(**LLAMA_3_2_1B)
-  torch.set_default_dtype(torch.bfloat16)
-  model = transformers.LlamaForCausalLM(config)
-  model.save_pretrained(path)
+  random_llama.build("llama-3.2-1b").save_pretrained(path)
 
 
 def _load(path: str, dtype: str) -> dict:

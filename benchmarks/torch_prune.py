@@ -12,7 +12,8 @@ implementations are (locuslab/wanda `prune_wanda`, IST-DASLab/sparsegpt `llama_s
    per channel; SparseGPT: the running H = (2/n) sum X X^T), one window at a time; each linear is
    pruned; the pruned block then recomputes every window's output, which feeds the next block.
 
-Everything is float32 on the CPU under `torch.inference_mode`. Weights are torch [out, in]: the
+Everything runs under `torch.inference_mode` in the model's dtype on its device (prune_speed:
+float32 on the CPU; benchmarks/accelerator.py: bf16 on a GPU), with the statistics in float32. Weights are torch [out, in]: the
 papers' "row" is an output. Deliberately kept from the references even where ours differs:
 statistics per linear (q/k/v and gate/up each collect their own copy), counts in windows rather
 than tokens, and SparseGPT's threshold at sorted[k] (one more pruned weight per block than
@@ -100,11 +101,14 @@ def capture_block0_inputs(model, tokens: torch.Tensor) -> tuple[torch.Tensor, di
     tokens: int64 [N, T] calibration windows.
 
   Returns:
-    (inps [N, T, D] float32, kwargs the model passes every block: mask, positions, rotary tables).
+    (inps [N, T, D] in the model's dtype and on its device, kwargs the model passes every block:
+    mask, positions, rotary tables).
   """
   n, t = tokens.shape
   layers = model.model.layers
-  inps = torch.zeros((n, t, model.config.hidden_size), dtype=torch.float32)
+  weight = next(model.parameters())
+  tokens = tokens.to(weight.device)
+  inps = torch.zeros((n, t, model.config.hidden_size), dtype=weight.dtype, device=weight.device)
   store = {"i": 0, "kwargs": None}
   layers[0] = _Catcher(layers[0], inps, store)
   try:
@@ -174,8 +178,8 @@ class RowScale:
   statistic is sum_t x_tj^2 / nsamples; the constant factor T does not change any ranking.
   """
 
-  def __init__(self, columns: int):
-    self.scaler_row = torch.zeros(columns, dtype=torch.float32)
+  def __init__(self, columns: int, device=None):
+    self.scaler_row = torch.zeros(columns, dtype=torch.float32, device=device)
     self.nsamples = 0
 
   def add_batch(self, inp: torch.Tensor) -> None:
@@ -227,7 +231,7 @@ def prune_wanda(model, tokens: torch.Tensor, sparsity: float = 0.5,
     clock.lap("capture_s")
     for l, block in enumerate(model.model.layers):
       linears = block_linears(block)
-      stats = {key: RowScale(lin.in_features) for key, lin in linears.items()}
+      stats = {key: RowScale(lin.in_features, lin.weight.device) for key, lin in linears.items()}
       _collect(block, stats, inps, outs, kwargs)
       clock.lap("collect_s")
       masks = {key: wanda_prune_linear(lin, stats[key].scaler_row, sparsity)
@@ -247,8 +251,8 @@ def prune_wanda(model, tokens: torch.Tensor, sparsity: float = 0.5,
 class Hessian:
   """SparseGPT's running H = (2 / nsamples) sum X X^T, counted in windows like the reference."""
 
-  def __init__(self, columns: int):
-    self.H = torch.zeros((columns, columns), dtype=torch.float32)
+  def __init__(self, columns: int, device=None):
+    self.H = torch.zeros((columns, columns), dtype=torch.float32, device=device)
     self.nsamples = 0
 
   def add_batch(self, inp: torch.Tensor) -> None:
@@ -284,8 +288,8 @@ def fasterprune(linear: nn.Linear, H: torch.Tensor, sparsity: float, blocksize: 
   dead_idx = torch.nonzero(dead).flatten()
   H[dead_idx, dead_idx] = 1
   W[:, dead] = 0
-  losses = torch.zeros(rows)
-  diag = torch.arange(columns)
+  losses = torch.zeros(rows, device=W.device)
+  diag = torch.arange(columns, device=W.device)
   H[diag, diag] += percdamp * torch.mean(torch.diag(H))
   # Upper Cholesky factor of H^-1, as the reference computes it.
   H = torch.linalg.cholesky(H)
@@ -348,7 +352,7 @@ def prune_sparsegpt(model, tokens: torch.Tensor, sparsity: float = 0.5, blocksiz
     clock.lap("capture_s")
     for l, block in enumerate(model.model.layers):
       linears = block_linears(block)
-      stats = {key: Hessian(lin.in_features) for key, lin in linears.items()}
+      stats = {key: Hessian(lin.in_features, lin.weight.device) for key, lin in linears.items()}
       _collect(block, stats, inps, outs, kwargs)
       clock.lap("collect_s")
       for key, lin in linears.items():
