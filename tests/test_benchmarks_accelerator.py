@@ -18,7 +18,7 @@ import pytest
 from benchmarks import accelerator
 
 ROOT = Path(__file__).resolve().parents[1]
-FLAGS = ("--shape=tiny", "--forward=1x16", "--decode_tokens=2", "--repeats=1", "--nsamples=2",
+FLAGS = ("--shape=tiny", "--forward=1x16", "--decode_tokens=4", "--repeats=1", "--nsamples=2",
          "--seqlen=16", "--copy_mb=8", "--methods=wanda,sparsegpt", "--no_warm")
 ROWS = ("forward tok/s 1x16", "decode ms/token B=1", "weight-streaming floor ms/token",
         "decode B=1 / floor", "wanda s (torch: port of the published code)",
@@ -61,7 +61,11 @@ def test_every_target_is_judged(run):
   stdout, report = run
   for name in TARGETS:
     assert re.search(rf"^  (MET |MISS) {re.escape(name)}", stdout, re.M), name
-  assert [t["name"] for t in report["targets"]] == list(TARGETS)
+  # A two-token decode difference can come out <= 0 under load; the line then says so after the
+  # name, and still counts as judged.
+  names = [t["name"] for t in report["targets"]]
+  assert len(names) == len(TARGETS)
+  assert all(n.startswith(t) for n, t in zip(names, TARGETS)), names
 
 
 def test_both_sides_measure_the_same_weights_on_the_same_device(run):
