@@ -295,8 +295,9 @@ def compare_logits_vocab_major(z_dense: Array, z_pruned: Array, temperature: flo
       "par_z": jnp.abs(alpha_z),
       "perp_z": perp_z,
       "rms_dz": jnp.sqrt(jnp.mean(jnp.square(dz), axis=0)),
-      "cos_p": jnp.where(omc_p < 0.5, 1.0 - omc_p, cos_p),
-      "one_minus_cos_p": omc_p,
+      # p, p' >= 0, so cos(p, p') >= 0; rounding of p' = p + dp can leave -1e-12
+      "cos_p": jnp.maximum(jnp.where(omc_p < 0.5, 1.0 - omc_p, cos_p), 0.0),
+      "one_minus_cos_p": jnp.minimum(omc_p, 1.0),
       "cos_p_estimate": dot(r, jnp.square(u - mean_u[None])) / 2.0,
       "kl": jnp.maximum(log_z - b, 0.0),
       "kl_estimate": dot(p, jnp.square(v)) / 2.0,

@@ -387,3 +387,20 @@ def test_small_changes_keep_float32_within_one_percent_of_float64(T):
   close(m.kl(Z, zp, T), kl64(Z, zp, T), rtol=1e-2)
   close(m.one_minus_cos_p(Z, zp, T), one_minus_cos64(softmax64(Z, T), softmax64(zp, T)),
         rtol=1e-2)
+
+
+def test_compare_logits_keeps_cos_p_in_range_for_disjoint_distributions():
+  # p and p' concentrated on different tokens (logit gaps of 80 to 200 nats): cos(p, p') is
+  # 0 up to e^-80, and rounding p' = p + dp must not push it below 0 or 1 - cos above 1.
+  v = 64
+  zd = np.zeros((6, v), np.float32)
+  zp = np.zeros((6, v), np.float32)
+  for i, gap in enumerate((80.0, 100.0, 120.0, 150.0, 180.0, 200.0)):
+    zd[i, i] = gap
+    zp[i, i + 10] = gap
+  out = m.compare_logits(zd, zp)
+  assert np.all(np.asarray(out["cos_p"]) >= 0.0)
+  assert np.all(np.asarray(out["one_minus_cos_p"]) <= 1.0)
+  np.testing.assert_allclose(out["cos_p"], 0.0, atol=1e-30)
+  np.testing.assert_allclose(out["one_minus_cos_p"], 1.0, rtol=1e-6)
+  assert np.all(np.asarray(out["top1_agree"]) == 0.0)
