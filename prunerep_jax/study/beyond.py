@@ -39,7 +39,7 @@ import numpy as np
 
 from prunerep_jax import atomic, prune, validate
 from prunerep_jax.model import cast
-from prunerep_jax.prune import calibrate, drop
+from prunerep_jax.prune import allocate, calibrate, drop
 from prunerep_jax.prune.result import PruneResult
 from prunerep_jax.recover import default_optimizer, recover
 from prunerep_jax.study import analyses, beyond_figures, beyond_report, cells, grid, suites
@@ -137,12 +137,14 @@ class Profile:
     name, budget_s: the profile's name and the wall time it is sized for on 2 CPU cores with the
       default model.
     drops: (method, counts) pairs: each count dropped by both rankings.
-    sparsities: Wanda points; unstructured ones under every allocation, N:M ones uniform.
+    sparsities: Wanda points; unstructured ones under each of `allocations`, N:M ones uniform.
     recover: the models recovered (each must be one of the others).
     recovery: the recovery budget.
     sizes: evaluation sizes (`grid.EvalSizes`).
     calibration: (nsamples, seqlen) of the calibration windows (drop scores, Wanda, allocation).
     drift_prompts, drift_steps: GSM8K prompts and greedy steps of the drift measurement.
+    allocations: the per-layer sparsities compared at every unstructured Wanda point.
+    kl_allocation: the KL allocation's settings (calibration windows and grid of its curves).
   """
 
   name: str
@@ -155,6 +157,8 @@ class Profile:
   calibration: tuple[int, int]
   drift_prompts: int
   drift_steps: int
+  allocations: tuple[str, ...] = ALLOCATIONS
+  kl_allocation: allocate.KL = allocate.KL()
 
   @property
   def variants(self) -> tuple[Variant, ...]:
@@ -163,7 +167,8 @@ class Profile:
     for method, counts in self.drops:
       out += [Variant(method, n, c) for n in counts for c in DROP_CHOICES]
     for s in self.sparsities:
-      out += [Variant("wanda", s, a) for a in (("uniform",) if isinstance(s, str) else ALLOCATIONS)]
+      out += [Variant("wanda", s, a) for a in (("uniform",) if isinstance(s, str)
+                                               else self.allocations)]
     for v in self.recover:
       if v not in out:
         raise validate.fail(f"beyond.Profile({self.name!r})", "recover", v.id,
@@ -174,9 +179,9 @@ class Profile:
 _DENSE_SIZES = dict(mmlu_max_tokens=192, passage_tokens=64, ppl_seqlen=128)
 
 PROFILES = {
-    # Sized on the 2-core machine: an evaluation costs ~20 s with the quick sizes, KL scoring of a
-    # kind ~20-30 s, Wanda ~20 s plus ~60 s for the KL allocation's curves, a recovery step at
-    # 4 x 64 tokens ~1 s.
+    # Sized on the 2-core machine under load from other jobs: an evaluation costs ~20-40 s, KL
+    # scoring of a kind ~20-30 s, Wanda ~35 s; the KL allocation's curves cost ~40 s per
+    # calibration window at 5 grid points (315 s for 8 windows), hence fewer windows here.
     "quick": Profile(
         name="quick", budget_s=300,
         drops=(("drop_attn", (4,)),), sparsities=(0.5,),
@@ -184,7 +189,8 @@ PROFILES = {
         recovery=Recovery(steps=20, windows=32, seqlen=64),
         sizes=grid.EvalSizes(mmlu_items=12, retrieval_passages=24, ppl_windows=2, gsm8k_items=6,
                              humaneval_items=4, max_new_tokens=32, **_DENSE_SIZES),
-        calibration=(8, 128), drift_prompts=4, drift_steps=24),
+        calibration=(8, 128), drift_prompts=4, drift_steps=24, allocations=("uniform", "kl"),
+        kl_allocation=allocate.KL(samples=2, points=3)),
     "readme": Profile(
         name="readme", budget_s=1800,
         drops=(("drop_attn", (2, 4, 6, 8)), ("drop_mlp", (2, 4))), sparsities=(0.5, "2:4"),
@@ -192,7 +198,8 @@ PROFILES = {
         recovery=Recovery(steps=100, windows=128, seqlen=64),
         sizes=grid.EvalSizes(mmlu_items=24, retrieval_passages=48, ppl_windows=4, gsm8k_items=8,
                              humaneval_items=8, max_new_tokens=40, **_DENSE_SIZES),
-        calibration=(8, 128), drift_prompts=4, drift_steps=32),
+        calibration=(8, 128), drift_prompts=4, drift_steps=32,
+        kl_allocation=allocate.KL(samples=4, points=4)),
     "full": Profile(
         name="full", budget_s=5400,
         drops=(("drop_attn", (2, 4, 6, 8, 10, 12)), ("drop_mlp", (2, 4, 6, 8))),
@@ -243,6 +250,7 @@ def drop_order(method: str, choice: str, params, config, calibration, n_max: int
 
 
 def prune_variant(variant: Variant, params, config, calibration, orders: dict,
+                  kl_allocation: allocate.KL = allocate.KL(),
                   mesh=None) -> tuple[PruneResult, dict]:
   """The pruned model of a variant before recovery, and its JSON info (what was dropped or the
   per-layer sparsities, the realised sparsity, and prune seconds: for a drop, its ranking's scoring
@@ -257,7 +265,7 @@ def prune_variant(variant: Variant, params, config, calibration, orders: dict,
     result = drop.drop_listed(params, config, [(l, kind) for l in chosen])
     return result, {"dropped": chosen,
                     "time_s": order["time_s"] + time.perf_counter() - t0}
-  allocation = None if variant.choice == "uniform" else variant.choice
+  allocation = {"uniform": None, "owl": "owl", "kl": kl_allocation}[variant.choice]
   kwargs = {"mesh": mesh} if mesh is not None else {}
   result = prune.wanda(params, config, variant.point, calibration=calibration,
                        allocation=allocation, **kwargs)
@@ -337,7 +345,9 @@ def run_beyond(model, prof: Profile, out: str, options: Options, *,
   recovery = dataclasses.asdict(prof.recovery)
 
   def variant_fp(v: Variant) -> str:
-    return fp(v.id, recovery=recovery if v.recovered else None)
+    kl = v.method == "wanda" and v.choice == "kl"
+    return fp(v.id, recovery=recovery if v.recovered else None,
+              kl_allocation=dataclasses.asdict(prof.kl_allocation) if kl else None)
 
   def read(name: str, fingerprint: str) -> Optional[dict]:
     return None if fresh else store.read(name, fingerprint)
@@ -406,7 +416,8 @@ def run_beyond(model, prof: Profile, out: str, options: Options, *,
   def pruned_model(v: Variant) -> tuple[PruneResult, dict]:
     if v.method in ("drop_attn", "drop_mlp"):
       order_of(v.method, v.choice)
-    return prune_variant(v, params, config, work.calibration, orders, mesh=options.mesh)
+    return prune_variant(v, params, config, work.calibration, orders, prof.kl_allocation,
+                         mesh=options.mesh)
 
   def recovery_data():
     r = prof.recovery
@@ -460,6 +471,7 @@ def run_beyond(model, prof: Profile, out: str, options: Options, *,
       "profile": prof.name, "model": options.model_id, "dtype": options.dtype,
       "num_layers": config.num_layers, "sizes": dataclasses.asdict(prof.sizes),
       "calibration": work.calibration.info, "recovery": recovery,
+      "kl_allocation": dataclasses.asdict(prof.kl_allocation),
       "drift": {"prompts": prof.drift_prompts, "steps": prof.drift_steps},
       "options": {"batch_size": options.batch_size, "gen_batch_size": options.gen_batch_size,
                   "seed": options.seed, "sources": dataclasses.asdict(options.sources)},

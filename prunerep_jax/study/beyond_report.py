@@ -350,10 +350,19 @@ def markdown(results: dict) -> str:
           f"- Calibration (drop scores, Wanda, allocations): {results['calibration']['nsamples']} "
           f"windows of {results['calibration']['seqlen']} tokens from "
           f"{results['calibration']['source']}.",
+          f"- KL allocation: {_kl_text(results.get('kl_allocation') or {})}.",
           "- Prune seconds of a drop are its ranking's scoring pass (shared by every count) plus "
           "zeroing; of Wanda, the whole transform including the allocation. Evaluation seconds "
           "are in results.csv.", ""]
   return "\n".join(out)
+
+
+def _kl_text(spec: dict) -> str:
+  bounds = spec.get("bounds")
+  return (f"sensitivity curves on {spec.get('samples') or 'all'} calibration windows at "
+          f"{spec.get('points')} sparsities in "
+          + (f"[{bounds[0]}, {bounds[1]}]" if bounds else "the target +- 0.1")
+          + ", greedy fill of the lower convex hulls")
 
 
 def console_summary(results: dict) -> str:
