@@ -179,9 +179,10 @@ class Profile:
 _DENSE_SIZES = dict(mmlu_max_tokens=192, passage_tokens=64, ppl_seqlen=128)
 
 PROFILES = {
-    # Sized on the 2-core machine under load from other jobs: an evaluation costs ~20-40 s, KL
-    # scoring of a kind ~20-30 s, Wanda ~35 s; the KL allocation's curves cost ~40 s per
-    # calibration window at 5 grid points (315 s for 8 windows), hence fewer windows here.
+    # Sized on the 2-core machine under load from other jobs (load average 5-7): an evaluation
+    # with drift costs ~30-40 s, KL scoring of a kind ~30 s, Wanda ~45 s; the KL allocation's
+    # curves 315 s on 8 windows x 5 grid points and ~120 s on 2 x 3, a recovery step at
+    # 4 x 64 tokens ~4 s (quick: 9.5 min in all at load 6).
     "quick": Profile(
         name="quick", budget_s=300,
         drops=(("drop_attn", (4,)),), sparsities=(0.5,),
@@ -195,7 +196,7 @@ PROFILES = {
         name="readme", budget_s=1800,
         drops=(("drop_attn", (2, 4, 6, 8)), ("drop_mlp", (2, 4))), sparsities=(0.5, "2:4"),
         recover=(Variant("drop_attn", 4, "cosine"), Variant("wanda", 0.5, "uniform")),
-        recovery=Recovery(steps=100, windows=128, seqlen=64),
+        recovery=Recovery(steps=60, windows=96, seqlen=64),
         sizes=grid.EvalSizes(mmlu_items=24, retrieval_passages=48, ppl_windows=4, gsm8k_items=8,
                              humaneval_items=8, max_new_tokens=40, **_DENSE_SIZES),
         calibration=(8, 128), drift_prompts=4, drift_steps=32,
