@@ -57,6 +57,9 @@ def ranking(results: dict, out: str) -> str:
                   color="tab:gray", label=f"next-token KL, {name}")
       bottom.plot(xs[1:], [br.drift_kl(c) for c in line[1:]], STYLE[choice], marker="o",
                   color="tab:orange", label=f"free-running drift KL, {name}")
+    counts = sorted({c["x"] for c in results["cells"] if c["method"] == kind})
+    for ax in (top, bottom):
+      ax.set_xticks([0.0] + counts if ax is top else counts)
     top.set_ylim(-0.03, 1.03)
     top.set_ylabel("fidelity to the dense model")
     bottom.set_yscale("log")

@@ -150,10 +150,12 @@ def summary(results: dict) -> list[str]:
       settings = [r["setting"] for r in mine if r["verdict"] == v]
       if settings:
         parts.append(f"{v} at {len(settings)} ({', '.join(settings)})")
-    deltas = [r["gen_fidelity"][1] - r["gen_fidelity"][0] for r in mine
-              if None not in r["gen_fidelity"]]
-    mean = f"; mean change of generative fidelity {sum(deltas) / len(deltas):+.3f}" if deltas \
-        else ""
+    mean = ""
+    for name, key in (("generative", "gen_fidelity"), ("non-generative", "nongen_fidelity")):
+      deltas = [r[key][1] - r[key][0] for r in mine if None not in r[key]]
+      if deltas:
+        mean += (f"; {'mean change of ' if not mean else ''}{name} fidelity "
+                 f"{sum(deltas) / len(deltas):+.3f}")
     out.append(f"**{title}** ({len(mine)} setting{'s' if len(mine) > 1 else ''}): "
                + "; ".join(parts) + mean + ".")
   tested = [r for r in rows if r["comparison"] in PRESCRIPTION]

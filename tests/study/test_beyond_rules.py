@@ -89,7 +89,7 @@ def test_pairs_verdicts_and_summary_on_a_hand_made_run():
   text = br.summary(results)
   assert text[0] == ("**KL ranking vs LLM-Drop's cosine ranking** (2 settings): helped at 1 "
                      "(drop attention 4); same model at 1 (drop attention 2); mean change of "
-                     "generative fidelity +0.100.")
+                     "generative fidelity +0.100; non-generative fidelity +0.000.")
   # OWL vs uniform places the baseline: it is not counted as the prescription.
   assert text[-1] == ("**Overall**: of 5 comparisons of the prescription with its baseline, it "
                       "helped in 2 (KL ranking at drop attention 4, KL allocation (vs OWL) at "
