@@ -1,4 +1,4 @@
-r"""Beyond the paper: choose what to prune by its probability-space cost, and recover by distillation.
+r"""Beyond the paper: choose what to prune by its probability-space cost; recover by distillation.
 
   python -m experiments.beyond [--profile=readme] [--model=smollm2-135m-instruct] \
       [--out=runs/beyond-readme] [--overwrite] [--dtype=float32] [--batch_size=8]

@@ -505,7 +505,7 @@ def _kind(v: Variant) -> str:
 
 def _identity(v: Variant) -> dict:
   return {"id": v.id, "method": v.method, "point": v.point, "choice": v.choice,
-          "recovered": v.recovered, "label": v.label, "x": v.cell.x if v.point else 0.0}
+          "recovered": v.recovered, "label": v.label, "x": v.cell.x}
 
 
 def _record(v: Variant, evaluation: suites.Evaluation, info: dict, drift_record: dict) -> dict:
