@@ -137,6 +137,40 @@ def verdicts(results: dict) -> list[dict]:
   return rows
 
 
+# (header, record -> value, +1 when higher is better / -1 when lower is)
+METRICS = (
+    ("gen fid.", gen_fidelity, 1),
+    ("GSM8K tokens", lambda c: value(c, "gsm8k", "token_agreement"), 1),
+    ("HumanEval tokens", lambda c: value(c, "humaneval", "token_agreement"), 1),
+    ("GSM8K 1st div", lambda c: value(c, "gsm8k", "first_divergence"), 1),
+    ("drift KL", drift_kl, -1),
+    ("next-token KL", next_token_kl, -1),
+    ("non-gen fid.", nongen_fidelity, 1),
+    ("MMLU agree", lambda c: value(c, "mmlu", "agreement"), 1),
+    ("retr agree", lambda c: value(c, "retrieval", "top1_agreement"), 1),
+)
+
+
+def metric_wins(results: dict) -> list[dict]:
+  """Per comparison, on how many of its settings the prescription is better on each metric
+  ("k/m": better on k of the m settings where both values exist; equal values count for neither;
+  settings where both sides are the same model are left out)."""
+  by_id = {c["id"]: c for c in results["cells"]}
+  rows = results.get("verdicts") or verdicts(results)
+  out = []
+  for key, _, _, _ in COMPARISONS:
+    mine = [r for r in rows if r["comparison"] == key and r["verdict"] != SAME]
+    if not mine:
+      continue
+    row = {"comparison": key, "settings": len(mine)}
+    for header, f, sign in METRICS:
+      pairs_ = [(f(by_id[r["baseline"]]), f(by_id[r["prescription"]])) for r in mine]
+      pairs_ = [(a, b) for a, b in pairs_ if a is not None and b is not None]
+      row[header] = f"{sum(sign * (b - a) > 0 for a, b in pairs_)}/{len(pairs_)}"
+    out.append(row)
+  return out
+
+
 def summary(results: dict) -> list[str]:
   """Plain sentences, one per comparison measured, computed from the verdicts."""
   out = []
@@ -248,6 +282,13 @@ def verdict_table(results: dict) -> str:
   return report._table(headers, body)
 
 
+def _wins_table(results: dict) -> str:
+  rows = metric_wins(results)
+  headers = ["comparison", "settings"] + [h for h, _, _ in METRICS]
+  return report._table(headers, [[TITLES[r["comparison"]], r["settings"]]
+                                 + [r[h] for h, _, _ in METRICS] for r in rows])
+
+
 def model_table(results: dict, cells: list[dict]) -> str:
   headers = ["model", "prune s", "recover s"] + [h for h, _ in COLUMNS]
   body = []
@@ -298,6 +339,13 @@ def markdown(results: dict) -> str:
           f"{KL_FACTOR:g} of the baseline's: **helped (next-token KL only)**; >= {KL_FACTOR:g}x: "
           "**hurt (next-token KL only)**;",
           "4. otherwise **no clear difference**.", "",
+          "### Metric by metric", "",
+          "On how many settings of each comparison the prescription is better on each metric "
+          "(higher fidelity, agreement and first-divergence step; lower KL); *k/m*: better on k of "
+          "m settings, equal values counting for neither, same-model settings left out. A metric "
+          "that moves one way in every setting is a pattern even where the verdict, which needs "
+          "a margin, says no clear difference.", "",
+          _wins_table(results), "",
           "*Generative fidelity* is the mean of the GSM8K and HumanEval token agreement with the "
           "dense greedy output; *non-generative fidelity* the mean of the MMLU option agreement "
           "and the retrieval top-1 agreement; *drift KL* the free-running KL(dense || pruned) per "

@@ -97,6 +97,30 @@ def test_pairs_verdicts_and_summary_on_a_hand_made_run():
                       "rest showed no clear difference or the same model.")
 
 
+def test_metric_wins_count_the_settings_where_the_prescription_is_better():
+  cells = [
+      record("drop_attn-4-cosine", dropped=[1, 2, 3, 4], gen=(0.2, 0.2), kl=1.0, drift=5.0),
+      record("drop_attn-4-kl", choice="kl", dropped=[1, 2, 3, 9], gen=(0.4, 0.1), kl=0.5,
+             drift=5.0, nongen=(0.7, 0.9)),
+      record("drop_attn-6-cosine", point=6, dropped=[1, 2, 3, 4, 5, 6], gen=(0.2, 0.2), kl=1.0,
+             drift=6.0),
+      record("drop_attn-6-kl", point=6, choice="kl", dropped=[1, 2, 3, 4, 5, 7], gen=(0.1, 0.1),
+             kl=1.1, drift=4.0),
+      record("drop_attn-2-cosine", point=2, dropped=[1, 2], gen=(0.5, 0.5)),
+      record("drop_attn-2-kl", point=2, choice="kl", dropped=[1, 2], gen=(0.5, 0.5)),
+  ]
+  results = results_of(cells)
+  (row,) = br.metric_wins(results)
+  assert row["comparison"] == "ranking" and row["settings"] == 2  # drop 2: the same model
+  assert row["gen fid."] == "1/2"          # 0.25 > 0.2; 0.1 < 0.2
+  assert row["GSM8K tokens"] == "1/2" and row["HumanEval tokens"] == "0/2"
+  assert row["drift KL"] == "1/2"          # equal at 4 counts for neither; lower at 6
+  assert row["next-token KL"] == "1/2"
+  assert row["non-gen fid."] == "0/2"      # mean of (0.7, 0.9) is the baseline's 0.8: equal
+  assert row["MMLU agree"] == "0/2" and row["retr agree"] == "1/2"
+  assert row["GSM8K 1st div"] == "0/0"     # not measured in these records
+
+
 def test_compute_counts_a_shared_model_once():
   twin = dict(record("drop_attn-2-kl", point=2, choice="kl", dropped=[1, 2]),
               same_as="drop_attn-2-cosine")
