@@ -468,6 +468,9 @@ def run_beyond(model, prof: Profile, out: str, options: Options, *,
     del result, p_params
 
   # ------------------------------------------------------------------------------- outputs
+  for v in variants:  # every ranking in the report, also when all its models were cached
+    if v.method in ("drop_attn", "drop_mlp"):
+      order_of(v.method, v.choice)
   results = {
       "profile": prof.name, "model": options.model_id, "dtype": options.dtype,
       "num_layers": config.num_layers, "sizes": dataclasses.asdict(prof.sizes),

@@ -130,7 +130,7 @@ def test_rerun_is_served_from_the_cache_and_fresh_recomputes(first, sources, tmp
   again, text = run(out, sources)
   lines = [line for line in text.splitlines() if line.startswith("[")]
   assert len(lines) == len(PROFILE.variants) and all(line.endswith("cached") for line in lines)
-  assert again["verdicts"] == results["verdicts"]
+  assert again["verdicts"] == results["verdicts"] and again["orders"] == results["orders"]
   small = beyond.Profile(name="small", budget_s=60, drops=(("drop_attn", (1,)),), sparsities=(),
                          recover=(), recovery=PROFILE.recovery, sizes=PROFILE.sizes,
                          calibration=PROFILE.calibration, drift_prompts=2, drift_steps=4)
