@@ -53,7 +53,8 @@ METHODS = ("dense", "drop_attn", "drop_mlp", "wanda")
 _DROP_SCORE = {"cosine": "residual", "kl": "kl"}
 _CHOICE_NAMES = {"cosine": "cosine ranking", "kl": "KL ranking", "uniform": "uniform",
                  "owl": "OWL", "kl-alloc": "KL-allocated"}
-WEIGHTS = {"dense": 1.3, "drop": 1.0, "wanda": 2.5, "recovered": 4.0, "scores": 0.5}
+# Relative cost of a model of each kind, for the ETA before one of that kind has finished.
+WEIGHTS = {"dense": 1.3, "drop": 1.0, "wanda": 2.5, "recovered": 4.0}
 PRIOR_S = 30.0
 RUN_LOG = "beyond.log"  # the launcher's log file
 
@@ -176,20 +177,21 @@ class Profile:
     return tuple(out) + tuple(dataclasses.replace(v, recovered=True) for v in self.recover)
 
 
-_DENSE_SIZES = dict(mmlu_max_tokens=192, passage_tokens=64, ppl_seqlen=128)
+_STUDY_SIZES = dict(  # as in the study's quick and readme profiles
+    mmlu_max_tokens=192, passage_tokens=64, ppl_seqlen=128)
 
 PROFILES = {
     # Sized on the 2-core machine under load from other jobs (load average 5-7): an evaluation
     # with drift costs ~30-40 s, KL scoring of a kind ~30 s, Wanda ~45 s; the KL allocation's
     # curves 315 s on 8 windows x 5 grid points and ~120 s on 2 x 3, a recovery step at
-    # 4 x 64 tokens ~4 s (quick: 9.5 min in all at load 6).
+    # 4 x 64 tokens ~4 s. Measured: quick 9.5 min at load 6, readme 29.5 min at load 5-10.
     "quick": Profile(
         name="quick", budget_s=300,
         drops=(("drop_attn", (4,)),), sparsities=(0.5,),
         recover=(Variant("drop_attn", 4, "cosine"),),
         recovery=Recovery(steps=20, windows=32, seqlen=64),
         sizes=grid.EvalSizes(mmlu_items=12, retrieval_passages=24, ppl_windows=2, gsm8k_items=6,
-                             humaneval_items=4, max_new_tokens=32, **_DENSE_SIZES),
+                             humaneval_items=4, max_new_tokens=32, **_STUDY_SIZES),
         calibration=(8, 128), drift_prompts=4, drift_steps=24, allocations=("uniform", "kl"),
         kl_allocation=allocate.KL(samples=2, points=3)),
     "readme": Profile(
@@ -198,7 +200,7 @@ PROFILES = {
         recover=(Variant("drop_attn", 4, "cosine"), Variant("wanda", 0.5, "uniform")),
         recovery=Recovery(steps=60, windows=96, seqlen=64),
         sizes=grid.EvalSizes(mmlu_items=24, retrieval_passages=48, ppl_windows=4, gsm8k_items=8,
-                             humaneval_items=8, max_new_tokens=40, **_DENSE_SIZES),
+                             humaneval_items=8, max_new_tokens=40, **_STUDY_SIZES),
         calibration=(8, 128), drift_prompts=4, drift_steps=32,
         kl_allocation=allocate.KL(samples=4, points=4)),
     "full": Profile(
