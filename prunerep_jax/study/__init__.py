@@ -7,6 +7,9 @@
   report     the claims of the paper, the rules for "held", report.md and the console summary
   figures    the sweep, main-table and analysis figures
   run        the whole study into one output directory (`experiments.reproduce` calls it)
+  beyond     beyond the paper: cosine vs KL drop ranking, uniform / OWL / KL-allocated Wanda,
+             before vs after recovery, at equal compression (`experiments.beyond` calls it);
+             beyond_report (its verdict rules and report.md) and beyond_figures
 """
 
 from prunerep_jax.study.grid import PROFILES, Cell, Profile, profile
