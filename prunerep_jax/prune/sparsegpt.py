@@ -128,7 +128,7 @@ def _fasterprune(w, upper, dead, *, blocksize: int, sparsity: float, n: int, m: 
       # Padding must never take a pruning slot.
       score = jnp.where(jax.lax.dynamic_slice_in_dim(real, i1, blocksize)[:, None], score, jnp.inf)
       k = jnp.where(b == nblocks - 1, k_last, k_full)
-      kth = jnp.sort(score.ravel())[jnp.maximum(k - 1, 0)]
+      kth = patterns.kth_smallest(score.ravel(), jnp.maximum(k, 1), axis=0)[0]
       prune1 = score <= jnp.where(k > 0, kth, -jnp.inf)
     else:
       prune1 = jnp.zeros(w1.shape, bool)
