@@ -190,20 +190,22 @@ def sparsegpt_prune(w: jax.Array, hessian: jax.Array, pattern: patterns.Pattern,
   blocksize = validate.integer("sparsegpt_prune", "blocksize", blocksize, minimum=1)
   percdamp = validate.number("sparsegpt_prune", "percdamp", percdamp, minimum=0.0, min_open=True)
   if isinstance(pattern, patterns.NM):
-    n, m, sparsity = pattern.n, pattern.m, pattern.sparsity
-    if w_shape[0] % m:
+    if w_shape[0] % pattern.m:
       raise ValueError(f"sparsegpt_prune: input dim I={w_shape[0]} of {name} (shape {w_shape}) "
-                       f"is not divisible by m={m} of pattern {pattern}")
-    if blocksize % m:
-      raise ValueError(f"sparsegpt_prune: blocksize={blocksize} is not a multiple of m={m} of "
-                       f"pattern {pattern}; N:M groups must not straddle blocks")
-  elif isinstance(pattern, patterns.Unstructured):
-    n, m, sparsity = 0, 0, pattern.sparsity
-  else:
+                       f"is not divisible by m={pattern.m} of pattern {pattern}")
+    if blocksize % pattern.m:
+      raise ValueError(f"sparsegpt_prune: blocksize={blocksize} is not a multiple of "
+                       f"m={pattern.m} of pattern {pattern}; N:M groups must not straddle blocks")
+  elif not isinstance(pattern, patterns.Unstructured):
     raise ValueError(f"sparsegpt_prune: pattern must be Unstructured or NM, got {pattern!r}")
-  if sparsity == 0.0:
+  if pattern.sparsity == 0.0:
     return jnp.asarray(w), jnp.ones(w_shape, bool)
+  return _prune_factored(w, _damped_factor(hessian, percdamp, name), pattern, blocksize)
 
+
+def _damped_factor(hessian: jax.Array, percdamp: float, name: str) -> tuple[jax.Array, jax.Array]:
+  """(U [I, I], dead [I]) of `_inverse_factor`, retrying with ten times the damping while the
+  factor is not finite; raises ValueError naming `name` when no damping helps."""
   h = jnp.asarray(hessian, jnp.float32)
   tried = []
   with jax.default_matmul_precision("highest"):
@@ -212,13 +214,20 @@ def sparsegpt_prune(w: jax.Array, hessian: jax.Array, pattern: patterns.Pattern,
       tried.append(damp)
       upper, dead = _inverse_factor(h, jnp.float32(damp))
       if bool(jnp.all(jnp.isfinite(upper))):
-        break
-    else:
-      raise ValueError(f"sparsegpt_prune: Cholesky of the hessian of {name} (shape {h_shape}) is "
-                       f"not finite with percdamp {tried}; expected a finite, positive "
-                       "semi-definite Hessian of calibration inputs")
+        return upper, dead
+  raise ValueError(f"sparsegpt_prune: Cholesky of the hessian of {name} (shape {h.shape}) is "
+                   f"not finite with percdamp {tried}; expected a finite, positive "
+                   "semi-definite Hessian of calibration inputs")
+
+
+def _prune_factored(w: jax.Array, factor: tuple[jax.Array, jax.Array], pattern: patterns.Pattern,
+                    blocksize: int) -> tuple[jax.Array, jax.Array]:
+  """`sparsegpt_prune` (sparsity > 0) given the damped inverse factor of the Hessian."""
+  n, m = (pattern.n, pattern.m) if isinstance(pattern, patterns.NM) else (0, 0)
+  upper, dead = factor
+  with jax.default_matmul_precision("highest"):
     new_w, prune = _fasterprune(jnp.asarray(w, jnp.float32), upper, dead, blocksize=blocksize,
-                                sparsity=sparsity, n=n, m=m)
+                                sparsity=pattern.sparsity, n=n, m=m)
   return new_w.astype(jnp.asarray(w).dtype), ~prune
 
 
@@ -262,11 +271,17 @@ def sparsegpt(params, config, pattern=0.5, *, calibration=None, blocksize: int =
     layer_p = jax.tree_util.tree_map(lambda x: x, layer_p)
     layer_pattern = pattern if per_layer is None else patterns.Unstructured(per_layer[l])
     masks = {}
+    factors = {}  # q/k/v and gate/up read the same inputs: one factorisation per input group
     for sub, name in chosen:
-      hessian = stats[calibrate.GROUP_OF[(sub, name)]] * (2.0 / ntokens)
-      new_w, mask = sparsegpt_prune(layer_p[sub][name]["kernel"], hessian, layer_pattern,
-                                    blocksize=blocksize, percdamp=percdamp,
-                                    name=f"layers/{l}/{sub}/{name}/kernel")
+      w = layer_p[sub][name]["kernel"]
+      if layer_pattern.sparsity == 0.0:
+        new_w, mask = w, jnp.ones(w.shape, bool)
+      else:
+        group = calibrate.GROUP_OF[(sub, name)]
+        if group not in factors:
+          factors[group] = _damped_factor(stats[group] * (2.0 / ntokens), percdamp,
+                                          f"layers/{l}/{sub}/{name}/kernel")
+        new_w, mask = _prune_factored(w, factors[group], layer_pattern, blocksize)
       layer_p[sub][name]["kernel"] = new_w
       masks[(sub, name)] = mask
     return layer_p, masks, {}
