@@ -29,8 +29,13 @@ weight untouched at sparsity 0.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import functools
+import glob
+import os
 import time
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -203,12 +208,49 @@ def sparsegpt_prune(w: jax.Array, hessian: jax.Array, pattern: patterns.Pattern,
   return _prune_factored(w, _damped_factor(hessian, percdamp, name), pattern, blocksize)
 
 
+@functools.cache
+def _scipy_openblas() -> Optional[ctypes.CDLL]:
+  """scipy's OpenBLAS, which jax's CPU LAPACK kernels call, or None where it is not found."""
+  try:
+    import scipy
+  except ImportError:
+    return None
+  libs = glob.glob(os.path.join(os.path.dirname(os.path.dirname(scipy.__file__)), "scipy.libs",
+                                "libscipy_openblas*.so*"))
+  if len(libs) != 1:
+    return None
+  lib = ctypes.CDLL(libs[0])
+  needed = ("scipy_openblas_get_num_threads", "scipy_openblas_set_num_threads")
+  return lib if all(hasattr(lib, f) for f in needed) else None
+
+
+@contextlib.contextmanager
+def _one_blas_thread():
+  """Runs the LAPACK calls inside on one OpenBLAS thread, then restores the thread count.
+
+  The factorisations are small ([I, I] with I <= a few thousand), and OpenBLAS workers that
+  spin-wait for the cores XLA's own threads hold slow them down many times over: a 1536 x 1536
+  `_inverse_factor` took 2.6-3.9 s with two OpenBLAS threads on a loaded 2-core machine and 0.1 s
+  with one. The work must finish inside (the callers read the result on the host there).
+  """
+  lib = _scipy_openblas()
+  if lib is None:
+    yield
+    return
+  before = lib.scipy_openblas_get_num_threads()
+  lib.scipy_openblas_set_num_threads(1)
+  try:
+    yield
+  finally:
+    lib.scipy_openblas_set_num_threads(before)
+
+
 def _damped_factor(hessian: jax.Array, percdamp: float, name: str) -> tuple[jax.Array, jax.Array]:
   """(U [I, I], dead [I]) of `_inverse_factor`, retrying with ten times the damping while the
   factor is not finite; raises ValueError naming `name` when no damping helps."""
   h = jnp.asarray(hessian, jnp.float32)
   tried = []
-  with jax.default_matmul_precision("highest"):
+  with jax.default_matmul_precision("highest"), _one_blas_thread():
     for attempt in range(_DAMP_RETRIES + 1):
       damp = percdamp * 10.0 ** attempt
       tried.append(damp)
