@@ -145,7 +145,7 @@ def _run_ours(method: str, tokens: np.ndarray) -> tuple[dict, dict]:
   _limit_xla_threads(FLAGS.threads)
   import jax
   import prunerep_jax as pj
-  from benchmarks import torch_prune
+  from prunerep_jax import layout
 
   logging.set_verbosity(logging.INFO)
   model = pj.load(MODEL)
@@ -163,7 +163,9 @@ def _run_ours(method: str, tokens: np.ndarray) -> tuple[dict, dict]:
     result, numbers["wall_s"], numbers["cpu_s"] = call()
   numbers["prune_peak_rss_mb"] = sampler.peak_mb
   numbers["phases"] = {k: v for k, v in result.report["timings"].items() if k != "total_s"}
-  for sub, name in torch_prune.LINEARS:
+  # layout.BLOCK_LINEARS, not torch_prune.LINEARS (the same seven): importing torch here would
+  # add its libraries (~120 MB) to this process's RSS.
+  for sub, name in layout.BLOCK_LINEARS:
     keep = np.asarray(result.masks["layers"][sub][name]["kernel"])
     arrays[f"pruned/{sub}/{name}"] = ~keep[0].T
     arrays[f"pruned_last/{sub}/{name}"] = ~keep[-1].T
@@ -307,7 +309,8 @@ def main(argv):
   np.save(tokens_path, tokens)
   print(f"model {MODEL}; calibration {info['source']} {FLAGS.nsamples} x {FLAGS.seqlen} (seed 0); "
         f"unstructured {FLAGS.sparsity:g}; CPU cores {os.cpu_count()}, threads per run "
-        f"{FLAGS.threads}; load average {os.getloadavg()[0]:.1f}; logs in {workdir}", flush=True)
+        f"{FLAGS.threads}; load average at the start (1, 5, 15 min) "
+        f"{', '.join(f'{x:.1f}' for x in os.getloadavg())}; logs in {workdir}", flush=True)
 
   results = {}
   for method in FLAGS.methods:
@@ -320,6 +323,8 @@ def main(argv):
             + f"; peak RSS {r['peak_rss_mb']:.0f} MB; load average {os.getloadavg()[0]:.1f}",
             flush=True)
 
+  print(f"load average at the end (1, 5, 15 min): "
+        f"{', '.join(f'{x:.1f}' for x in os.getloadavg())}", flush=True)
   print()
   print("| method | framework | wall s | wall s without compile | CPU s | peak RSS MB (process) | "
         "RSS MB after load | peak RSS MB (pruning) | ours/torch wall | ours/torch CPU | "

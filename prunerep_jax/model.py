@@ -179,9 +179,20 @@ class MLPOut(NamedTuple):
   inputs: Optional[dict]
 
 
+def _attend(q: Array, k: Array, v: Array, mask: Array, dtype) -> Array:
+  """Softmax attention of q [B, T, K, G, H] over k, v [B, S, K, H] with mask [B, T, S];
+  returns [B, T, K, G, H] in `dtype`."""
+  prec = _precision(dtype)
+  scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k.astype(q.dtype), precision=prec,
+                      preferred_element_type=jnp.float32) / np.sqrt(q.shape[-1]).astype(np.float32)
+  scores = jnp.where(mask[:, None, None], scores, _MASKED)
+  probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+  return jnp.einsum("BKGTS,BSKH->BTKGH", probs, v.astype(dtype), precision=prec)
+
+
 def attention_sublayer(p: dict, config: Config, h: Array, ctx: Context, *,
                        cache: Optional[LayerCache] = None, index: Optional[Array] = None,
-                       inputs: bool = False) -> AttnOut:
+                       inputs: bool = False, causal_chunk: Optional[int] = None) -> AttnOut:
   """Pre-norm grouped-query attention of one layer: what it adds to the residual stream.
 
   Args:
@@ -192,7 +203,17 @@ def attention_sublayer(p: dict, config: Config, h: Array, ctx: Context, *,
       the new keys and values are written at slots index .. index + T - 1 before attending.
     index: scalar int32 slot of the first query (with a cache).
     inputs: also return the inputs of the linears (calibration statistics).
+    causal_chunk: None, or a query chunk size for a causal pass without a cache in which query t
+      sits at key slot t (a `prompt_context`): each chunk of queries attends only to the keys up
+      to its last query, skipping the upper triangle of the scores, which the mask removes
+      anyway (exp underflows to exactly 0). Same result up to float summation order for every
+      query with at least one visible key; a fully masked (padding) query gets a uniform average
+      over fewer keys, a different but equally meaningless value. On XLA:CPU at T=512, chunks
+      of 64-128 queries run the attention 2-3x faster (the smaller score tiles stay in cache).
   """
+  if causal_chunk is not None and cache is not None:
+    raise ValueError("attention_sublayer: causal_chunk needs a pass without a cache (query t at "
+                     f"key slot t), got causal_chunk={causal_chunk} with a cache")
   c = config
   B, T, _ = h.shape
   N, K, H = c.num_heads, c.num_kv_heads, c.head_dim
@@ -209,13 +230,14 @@ def attention_sublayer(p: dict, config: Config, h: Array, ctx: Context, *,
     new_cache = LayerCache(jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), start),
                            jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), start))
     k, v = new_cache
-  prec = _precision(h.dtype)
   q = q.reshape(B, T, K, N // K, H)
-  scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k.astype(q.dtype), precision=prec,
-                      preferred_element_type=jnp.float32) / np.sqrt(H).astype(np.float32)
-  scores = jnp.where(ctx.mask[:, None, None], scores, _MASKED)
-  probs = jax.nn.softmax(scores, axis=-1).astype(h.dtype)
-  o_in = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v.astype(h.dtype), precision=prec)
+  if causal_chunk is None or causal_chunk >= T:
+    o_in = _attend(q, k, v, ctx.mask, h.dtype)
+  else:
+    o_in = jnp.concatenate(
+        [_attend(q[:, s:s + causal_chunk], k[:, :s + causal_chunk], v[:, :s + causal_chunk],
+                 ctx.mask[:, s:s + causal_chunk, :s + causal_chunk], h.dtype)
+         for s in range(0, T, causal_chunk)], axis=1)
   o_in = o_in.reshape(B, T, N * H)
   delta = linear(a["o_proj"], o_in)
   return AttnOut(delta, {"attn_in": x, "o_in": o_in} if inputs else None, new_cache)
@@ -242,9 +264,10 @@ class BlockOut(NamedTuple):
 
 def block(p: dict, config: Config, h: Array, ctx: Context, *,
           cache: Optional[LayerCache] = None, index: Optional[Array] = None,
-          inputs: bool = False) -> BlockOut:
+          inputs: bool = False, causal_chunk: Optional[int] = None) -> BlockOut:
   """One pre-norm decoder block: h + attention, then + MLP (see the two sublayer functions)."""
-  a = attention_sublayer(p, config, h, ctx, cache=cache, index=index, inputs=inputs)
+  a = attention_sublayer(p, config, h, ctx, cache=cache, index=index, inputs=inputs,
+                         causal_chunk=causal_chunk)
   h_attn = h + a.delta
   m = mlp_sublayer(p, config, h_attn, inputs=inputs)
   return BlockOut(h_attn + m.delta, h_attn, a.cache, {**a.inputs, **m.inputs} if inputs else None)

@@ -105,3 +105,22 @@ def test_tied_head_reads_the_embedding_table(tied_params, tied_cfg, tokens):
   expect = np.asarray(out.final_hidden, np.float64) @ np.asarray(
       tied_params["embed"]["embedding"], np.float64).T
   np.testing.assert_allclose(out.logits, expect, rtol=1e-5, atol=1e-5)
+
+
+def test_causal_chunked_attention_matches_the_full_attention(params, cfg, tokens, full):
+  # Chunks of 5 over T=12 queries: the last chunk is short, and chunk c sees keys 0..5c+4 only.
+  B, T = tokens.shape
+  p1 = jax.tree_util.tree_map(lambda x: x[1], params["layers"])
+  ctx = M.prompt_context(cfg, jnp.ones((B, T)))
+  run = jax.jit(lambda p, h, chunk: M.block(p, cfg, h, ctx, inputs=True, causal_chunk=chunk),
+                static_argnums=2)
+  dense, chunked = run(p1, full.residual[2], None), run(p1, full.residual[2], 5)
+  np.testing.assert_allclose(chunked.h_out, dense.h_out, rtol=1e-6, atol=1e-6)
+  for group in ("attn_in", "o_in", "mlp_in", "down_in"):
+    np.testing.assert_allclose(chunked.inputs[group], dense.inputs[group], rtol=1e-6, atol=1e-6)
+  with pytest.raises(ValueError, match="attention_sublayer: causal_chunk needs a pass without a "
+                                       "cache .* got causal_chunk=4 with a cache"):
+    cache = M.LayerCache(jnp.zeros((B, T, cfg.num_kv_heads, cfg.head_dim)),
+                         jnp.zeros((B, T, cfg.num_kv_heads, cfg.head_dim)))
+    M.attention_sublayer(p1, cfg, full.residual[2], ctx, cache=cache, index=jnp.int32(0),
+                         causal_chunk=4)

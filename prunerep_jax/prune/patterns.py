@@ -15,6 +15,7 @@ prunes exactly the requested count; magnitude pruning's "ties pruned" rule lives
 from __future__ import annotations
 
 import dataclasses
+import functools
 import numbers
 from typing import Union
 
@@ -113,12 +114,57 @@ def prune_count(size: int, sparsity: float) -> int:
   return int(size * sparsity)
 
 
+def _order_keys(score: jax.Array) -> jax.Array:
+  """uint32 keys [...] ordered as the float32 scores (-0.0 equal to +0.0; scores must not be
+  NaN): the sign bit flips the order of negative floats, and positive ones sort above them."""
+  x = jnp.asarray(score, jnp.float32)
+  bits = jax.lax.bitcast_convert_type(jnp.where(x == 0, jnp.float32(0), x), jnp.uint32)
+  return jnp.where((bits >> 31) == 1, ~bits, bits | jnp.uint32(0x80000000))
+
+
+def _kth_smallest_key(keys: jax.Array, k, axis: int) -> jax.Array:
+  """The k-th smallest (1-based; k may be traced) of uint32 keys along `axis`, keepdims.
+
+  Bisection on the key bits: 32 passes of compare-and-count, each a reduction along `axis`. On
+  XLA:CPU this is 10-100x faster than a sort (a [576, 1536] matrix per column: 8 ms against the
+  two stable argsorts' 200 ms), and exact.
+  """
+  shape = list(keys.shape)
+  shape[axis] = 1
+
+  def halve(_, bounds):  # invariant: lo <= answer <= hi
+    lo, hi = bounds
+    mid = lo + (hi - lo) // 2
+    enough = jnp.sum(keys <= mid, axis=axis, keepdims=True, dtype=jnp.int32) >= k
+    return jnp.where(enough, lo, mid + 1), jnp.where(enough, mid, hi)
+
+  lo = jnp.zeros(shape, jnp.uint32)
+  hi = jnp.full(shape, 0xFFFFFFFF, jnp.uint32)
+  return jax.lax.fori_loop(0, 32, halve, (lo, hi))[0]
+
+
+def kth_smallest(score: jax.Array, k, axis: int = -1) -> jax.Array:
+  """The k-th smallest float32 score (1-based, 1 <= k <= size; k may be traced) along `axis`,
+  keepdims; exact, without sorting (see `_kth_smallest_key`). Scores must not be NaN."""
+  key = _kth_smallest_key(_order_keys(score), k, axis)
+  bits = jnp.where((key >> 31) == 1, key & jnp.uint32(0x7FFFFFFF), ~key)
+  return jax.lax.bitcast_convert_type(bits, jnp.float32)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
 def _keep_lowest_pruned(score: jax.Array, k: int, axis: int) -> jax.Array:
-  """True except at the k lowest entries along `axis`; ties pruned in index order."""
-  order = jnp.argsort(score, axis=axis, stable=True)
-  # rank[i] = position of entry i in the stable ascending order.
-  ranks = jnp.argsort(order, axis=axis, stable=True)
-  return ranks >= k
+  """True except at the k lowest entries along `axis`; ties pruned in index order.
+
+  The same mask as ranking by a stable argsort (rank < k pruned), computed from the k-th
+  smallest value: everything below it is pruned, and of the entries equal to it, the first
+  k - (number below) along `axis`.
+  """
+  keys = _order_keys(score)
+  kth = _kth_smallest_key(keys, k, axis)
+  below = keys < kth
+  tie = keys == kth
+  room = k - jnp.sum(below, axis=axis, keepdims=True, dtype=jnp.int32)
+  return ~(below | (tie & (jnp.cumsum(tie, axis=axis, dtype=jnp.int32) <= room)))
 
 
 def unstructured_mask(score: jax.Array, sparsity: float) -> jax.Array:

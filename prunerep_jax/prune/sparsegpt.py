@@ -29,8 +29,13 @@ weight untouched at sparsity 0.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import functools
+import glob
+import os
 import time
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -128,7 +133,7 @@ def _fasterprune(w, upper, dead, *, blocksize: int, sparsity: float, n: int, m: 
       # Padding must never take a pruning slot.
       score = jnp.where(jax.lax.dynamic_slice_in_dim(real, i1, blocksize)[:, None], score, jnp.inf)
       k = jnp.where(b == nblocks - 1, k_last, k_full)
-      kth = jnp.sort(score.ravel())[jnp.maximum(k - 1, 0)]
+      kth = patterns.kth_smallest(score.ravel(), jnp.maximum(k, 1), axis=0)[0]
       prune1 = score <= jnp.where(k > 0, kth, -jnp.inf)
     else:
       prune1 = jnp.zeros(w1.shape, bool)
@@ -190,35 +195,81 @@ def sparsegpt_prune(w: jax.Array, hessian: jax.Array, pattern: patterns.Pattern,
   blocksize = validate.integer("sparsegpt_prune", "blocksize", blocksize, minimum=1)
   percdamp = validate.number("sparsegpt_prune", "percdamp", percdamp, minimum=0.0, min_open=True)
   if isinstance(pattern, patterns.NM):
-    n, m, sparsity = pattern.n, pattern.m, pattern.sparsity
-    if w_shape[0] % m:
+    if w_shape[0] % pattern.m:
       raise ValueError(f"sparsegpt_prune: input dim I={w_shape[0]} of {name} (shape {w_shape}) "
-                       f"is not divisible by m={m} of pattern {pattern}")
-    if blocksize % m:
-      raise ValueError(f"sparsegpt_prune: blocksize={blocksize} is not a multiple of m={m} of "
-                       f"pattern {pattern}; N:M groups must not straddle blocks")
-  elif isinstance(pattern, patterns.Unstructured):
-    n, m, sparsity = 0, 0, pattern.sparsity
-  else:
+                       f"is not divisible by m={pattern.m} of pattern {pattern}")
+    if blocksize % pattern.m:
+      raise ValueError(f"sparsegpt_prune: blocksize={blocksize} is not a multiple of "
+                       f"m={pattern.m} of pattern {pattern}; N:M groups must not straddle blocks")
+  elif not isinstance(pattern, patterns.Unstructured):
     raise ValueError(f"sparsegpt_prune: pattern must be Unstructured or NM, got {pattern!r}")
-  if sparsity == 0.0:
+  if pattern.sparsity == 0.0:
     return jnp.asarray(w), jnp.ones(w_shape, bool)
+  return _prune_factored(w, _damped_factor(hessian, percdamp, name), pattern, blocksize)
 
+
+@functools.cache
+def _scipy_openblas() -> Optional[ctypes.CDLL]:
+  """scipy's OpenBLAS, which jax's CPU LAPACK kernels call, or None where it is not found."""
+  try:
+    import scipy
+  except ImportError:
+    return None
+  libs = glob.glob(os.path.join(os.path.dirname(os.path.dirname(scipy.__file__)), "scipy.libs",
+                                "libscipy_openblas*.so*"))
+  if len(libs) != 1:
+    return None
+  lib = ctypes.CDLL(libs[0])
+  needed = ("scipy_openblas_get_num_threads", "scipy_openblas_set_num_threads")
+  return lib if all(hasattr(lib, f) for f in needed) else None
+
+
+@contextlib.contextmanager
+def _one_blas_thread():
+  """Runs the LAPACK calls inside on one OpenBLAS thread, then restores the thread count.
+
+  The factorisations are small ([I, I] with I <= a few thousand), and OpenBLAS workers that
+  spin-wait for the cores XLA's own threads hold slow them down many times over: a 1536 x 1536
+  `_inverse_factor` took 2.6-3.9 s with two OpenBLAS threads on a loaded 2-core machine and 0.1 s
+  with one. The work must finish inside (the callers read the result on the host there).
+  """
+  lib = _scipy_openblas()
+  if lib is None:
+    yield
+    return
+  before = lib.scipy_openblas_get_num_threads()
+  lib.scipy_openblas_set_num_threads(1)
+  try:
+    yield
+  finally:
+    lib.scipy_openblas_set_num_threads(before)
+
+
+def _damped_factor(hessian: jax.Array, percdamp: float, name: str) -> tuple[jax.Array, jax.Array]:
+  """(U [I, I], dead [I]) of `_inverse_factor`, retrying with ten times the damping while the
+  factor is not finite; raises ValueError naming `name` when no damping helps."""
   h = jnp.asarray(hessian, jnp.float32)
   tried = []
-  with jax.default_matmul_precision("highest"):
+  with jax.default_matmul_precision("highest"), _one_blas_thread():
     for attempt in range(_DAMP_RETRIES + 1):
       damp = percdamp * 10.0 ** attempt
       tried.append(damp)
       upper, dead = _inverse_factor(h, jnp.float32(damp))
       if bool(jnp.all(jnp.isfinite(upper))):
-        break
-    else:
-      raise ValueError(f"sparsegpt_prune: Cholesky of the hessian of {name} (shape {h_shape}) is "
-                       f"not finite with percdamp {tried}; expected a finite, positive "
-                       "semi-definite Hessian of calibration inputs")
+        return upper, dead
+  raise ValueError(f"sparsegpt_prune: Cholesky of the hessian of {name} (shape {h.shape}) is "
+                   f"not finite with percdamp {tried}; expected a finite, positive "
+                   "semi-definite Hessian of calibration inputs")
+
+
+def _prune_factored(w: jax.Array, factor: tuple[jax.Array, jax.Array], pattern: patterns.Pattern,
+                    blocksize: int) -> tuple[jax.Array, jax.Array]:
+  """`sparsegpt_prune` (sparsity > 0) given the damped inverse factor of the Hessian."""
+  n, m = (pattern.n, pattern.m) if isinstance(pattern, patterns.NM) else (0, 0)
+  upper, dead = factor
+  with jax.default_matmul_precision("highest"):
     new_w, prune = _fasterprune(jnp.asarray(w, jnp.float32), upper, dead, blocksize=blocksize,
-                                sparsity=sparsity, n=n, m=m)
+                                sparsity=pattern.sparsity, n=n, m=m)
   return new_w.astype(jnp.asarray(w).dtype), ~prune
 
 
@@ -262,11 +313,17 @@ def sparsegpt(params, config, pattern=0.5, *, calibration=None, blocksize: int =
     layer_p = jax.tree_util.tree_map(lambda x: x, layer_p)
     layer_pattern = pattern if per_layer is None else patterns.Unstructured(per_layer[l])
     masks = {}
+    factors = {}  # q/k/v and gate/up read the same inputs: one factorisation per input group
     for sub, name in chosen:
-      hessian = stats[calibrate.GROUP_OF[(sub, name)]] * (2.0 / ntokens)
-      new_w, mask = sparsegpt_prune(layer_p[sub][name]["kernel"], hessian, layer_pattern,
-                                    blocksize=blocksize, percdamp=percdamp,
-                                    name=f"layers/{l}/{sub}/{name}/kernel")
+      w = layer_p[sub][name]["kernel"]
+      if layer_pattern.sparsity == 0.0:
+        new_w, mask = w, jnp.ones(w.shape, bool)
+      else:
+        group = calibrate.GROUP_OF[(sub, name)]
+        if group not in factors:
+          factors[group] = _damped_factor(stats[group] * (2.0 / ntokens), percdamp,
+                                          f"layers/{l}/{sub}/{name}/kernel")
+        new_w, mask = _prune_factored(w, factors[group], layer_pattern, blocksize)
       layer_p[sub][name]["kernel"] = new_w
       masks[(sub, name)] = mask
     return layer_p, masks, {}
