@@ -1005,3 +1005,29 @@ def study_options(mesh):
       seed=FLAGS.seed, mesh=mesh,
       sources=study.Sources(mmlu=FLAGS.mmlu_source, gsm8k=FLAGS.gsm8k_source,
                             humaneval=FLAGS.humaneval_source, text=FLAGS.text_source))
+
+
+def run_study(argv: Sequence[str], prog: str, prog_short: str, *, log_name: str,
+              outputs: Sequence[str], settings: Callable[[], dict],
+              body: Callable[..., Any]) -> None:
+  """The body of a study launcher's main: checks the flags, marks --out as running, logs into
+  out/log_name, loads the model onto the devices, calls body(model, out, options, console,
+  started) and marks --out as done (a failed run leaves the "running" marker, so a rerun resumes).
+  """
+  started = time.perf_counter()
+  no_arguments(prog, argv)
+  out, devices = check_study_flags(prog, prog_short)
+
+  from prunerep_jax.study.console import Console
+
+  os.makedirs(out, exist_ok=True)
+  write_marker(prog, out, status="running", outputs=outputs, settings=settings())
+  buffer = study_logging(prog, out, log_name)
+  console = Console(log=buffer)
+  try:
+    mesh = start_devices(prog, devices)
+    model = load_study_model(prog, console, started, mesh)
+    body(model, out, study_options(mesh), console, started)
+  finally:
+    buffer.flush_to(os.path.join(out, log_name))
+  write_marker(prog, out, status="done", outputs=outputs, settings=settings())

@@ -26,9 +26,6 @@ higher) shows them on the console too. A refused flag prints one line on stderr 
 status 2.
 """
 
-import os
-import time
-
 from absl import flags
 
 from experiments import _common
@@ -50,25 +47,13 @@ def settings() -> dict:
 
 
 def main(argv):
-  started = time.perf_counter()
-  _common.no_arguments(PROG, argv)
-  out, devices = _common.check_study_flags(PROG, "reproduce")
+  def body(model, out, options, console, started):
+    from prunerep_jax import study
+    study.run(model, study.profile(FLAGS.profile), out, options, console=console,
+              started=started)
 
-  from prunerep_jax import study
-  from prunerep_jax.study.console import Console
-
-  os.makedirs(out, exist_ok=True)
-  _common.write_marker(PROG, out, status="running", outputs=OWNED, settings=settings())
-  buffer = _common.study_logging(PROG, out, LOG)
-  console = Console(log=buffer)
-  try:
-    mesh = _common.start_devices(PROG, devices)
-    model = _common.load_study_model(PROG, console, started, mesh)
-    study.run(model, study.profile(FLAGS.profile), out, _common.study_options(mesh),
-              console=console, started=started)
-  finally:
-    buffer.flush_to(os.path.join(out, LOG))
-  _common.write_marker(PROG, out, status="done", outputs=OWNED, settings=settings())
+  _common.run_study(argv, PROG, "reproduce", log_name=LOG, outputs=OWNED, settings=settings,
+                    body=body)
 
 
 if __name__ == "__main__":
