@@ -52,11 +52,12 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 from absl import app, flags
 import numpy as np
+
+from benchmarks import memory
 
 flags.DEFINE_boolean("quick", False, "Small sizes (see QUICK) for a smoke run of ~2-3 minutes; "
                      "size flags given explicitly still win.")
@@ -141,36 +142,6 @@ def _release_free_memory() -> None:
     pass
 
 
-def _rss_mb() -> float:
-  """Current resident set size of this process in MB."""
-  with open("/proc/self/statm") as f:
-    return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-class _RssSampler:
-  """Polls this process's RSS in a thread: the peak of one phase, where ru_maxrss only has the
-  process-wide peak (which loading or compiling may set)."""
-
-  def __init__(self, interval_s: float = 0.02):
-    self.interval_s = interval_s
-    self.peak_mb = _rss_mb()
-    self._stop = threading.Event()
-    self._thread = threading.Thread(target=self._run, daemon=True)
-
-  def _run(self):
-    while not self._stop.wait(self.interval_s):
-      self.peak_mb = max(self.peak_mb, _rss_mb())
-
-  def __enter__(self):
-    self._thread.start()
-    return self
-
-  def __exit__(self, *exc):
-    self._stop.set()
-    self._thread.join()
-    self.peak_mb = max(self.peak_mb, _rss_mb())
-
-
 class _CompileClock:
   """Sums jax's compile-phase events (tracing, lowering to MLIR, XLA compilation) while active."""
 
@@ -191,7 +162,7 @@ def _timed_calls(call, repeats: int, clock=None) -> dict:
   first call less compile when repeats is 0), times, first_peak_mb (RSS peak of the first call,
   compilation included) and peak_mb (RSS peak of the repeats; of the first call without any).
   """
-  with _RssSampler() as first_sampler:
+  with memory.RssSampler() as first_sampler:
     if clock is not None:
       clock.active = True
     t0 = time.perf_counter()
@@ -201,7 +172,7 @@ def _timed_calls(call, repeats: int, clock=None) -> dict:
       clock.active = False
   compile_s = clock.seconds if clock is not None else 0.0
   times = []
-  with _RssSampler() as sampler:
+  with memory.RssSampler() as sampler:
     for _ in range(repeats):
       t0 = time.perf_counter()
       result = call()
@@ -288,7 +259,7 @@ def _ours_drift(workdir: str) -> dict:
   prompts = np.load(os.path.join(workdir, "prompts.npy"))[:FLAGS.n_prompts]
   jax.block_until_ready((dense.params, pruned.params))
   _release_free_memory()
-  numbers = {"rss_after_load_mb": _rss_mb()}
+  numbers = {"rss_after_load_mb": memory.rss_mb()}
   clock = _CompileClock()
 
   def call():
@@ -327,7 +298,7 @@ def _ref_drift(workdir: str) -> dict:
         p.sum()
   prompts = list(np.load(os.path.join(workdir, "prompts.npy"))[:FLAGS.n_prompts])
   _release_free_memory()
-  numbers = {"rss_after_load_mb": _rss_mb(), "threads": torch.get_num_threads()}
+  numbers = {"rss_after_load_mb": memory.rss_mb(), "threads": torch.get_num_threads()}
   # The first call warms the allocator and kernels: a short run, not timed as compile.
   warm = _timed_calls(lambda: torch_reference.drift(dense, pruned, prompts[:1], 2), 0)
   numbers["warmup_s"] = warm["first_s"]
@@ -360,7 +331,7 @@ def _ours_layerwise(workdir: str, analysis: bool) -> dict:
                               capture=False).logits.block_until_ready()
     repeats = FLAGS.repeats
   _release_free_memory()
-  numbers = {"rss_after_load_mb": _rss_mb()}
+  numbers = {"rss_after_load_mb": memory.rss_mb()}
   timed = _timed_calls(call, repeats, _CompileClock())
   numbers.update({k: v for k, v in timed.items() if k != "result"})
   return numbers

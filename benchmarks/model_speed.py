@@ -24,6 +24,8 @@ import time
 
 import numpy as np
 
+from benchmarks import memory
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
@@ -88,12 +90,6 @@ def _decode_ms_per_token(run, n: int, repeats: int) -> float:
   return 1e3 * float(np.median(diffs))
 
 
-def _rss_mb() -> float:
-  """Current resident set size of this process (Linux)."""
-  with open("/proc/self/statm") as f:
-    return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
 def _peak_rss_mb() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
@@ -117,7 +113,7 @@ def _bench_jax(args) -> dict:
     params = pj.cast(params, jnp.bfloat16)
   params = jax.block_until_ready(params)
   out = {"framework": "prunerep_jax",
-         "dtype": args.dtype, "rss_after_load_mb": _rss_mb(),
+         "dtype": args.dtype, "rss_after_load_mb": memory.rss_mb(),
          "weight_bytes": int(sum(x.nbytes for x in jax.tree_util.tree_leaves(params)))}
 
   for B, T in FORWARD_SHAPES:
@@ -164,7 +160,7 @@ def _bench_torch(args) -> dict:
                                                gguf_file=os.path.basename(path), dtype=dtype)
   model.eval()
   vocab = model.config.vocab_size
-  out = {"framework": "transformers", "dtype": args.dtype, "rss_after_load_mb": _rss_mb(),
+  out = {"framework": "transformers", "dtype": args.dtype, "rss_after_load_mb": memory.rss_mb(),
          "torch_threads": torch.get_num_threads(),
          "weight_bytes": int(sum(p.numel() * p.element_size() for p in model.parameters()))}
   with torch.inference_mode():

@@ -39,11 +39,12 @@ import resource
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 from absl import app, flags, logging
 import numpy as np
+
+from benchmarks import memory
 
 flags.DEFINE_integer("nsamples", 128, "Calibration windows.")
 flags.DEFINE_integer("seqlen", 512, "Tokens per calibration window.")
@@ -73,13 +74,6 @@ _RESULT_PREFIX = "RESULT "
 
 # ------------------------------------------------------------------------------ memory
 
-def _rss_mb() -> float:
-  """Current resident set size of this process in MB."""
-  with open("/proc/self/statm") as f:
-    pages = int(f.read().split()[1])
-  return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
 def _hwm_mb() -> float:
   """Peak resident set size of this process so far (VmHWM) in MB."""
   with open("/proc/self/status") as f:
@@ -93,30 +87,6 @@ def _cpu_s() -> float:
   """User + system CPU seconds of this process so far (all its threads)."""
   usage = resource.getrusage(resource.RUSAGE_SELF)
   return usage.ru_utime + usage.ru_stime
-
-
-class _RssSampler:
-  """Polls this process's RSS in a thread: the peak of a phase, where VmHWM only has the
-  process-wide peak (which model loading may set)."""
-
-  def __init__(self, interval_s: float = 0.02):
-    self.interval_s = interval_s
-    self.peak_mb = _rss_mb()
-    self._stop = threading.Event()
-    self._thread = threading.Thread(target=self._run, daemon=True)
-
-  def _run(self):
-    while not self._stop.wait(self.interval_s):
-      self.peak_mb = max(self.peak_mb, _rss_mb())
-
-  def __enter__(self):
-    self._thread.start()
-    return self
-
-  def __exit__(self, *exc):
-    self._stop.set()
-    self._thread.join()
-    self.peak_mb = max(self.peak_mb, _rss_mb())
 
 
 # ------------------------------------------------------------------------------ children
@@ -151,7 +121,7 @@ def _run_ours(method: str, tokens: np.ndarray) -> tuple[dict, dict]:
   model = pj.load(MODEL)
   transform = pj.prune.get(method)
   arrays = {"dense/attn/q_proj": np.asarray(model.params["layers"]["attn"]["q_proj"]["kernel"][0]).T}
-  numbers = {"rss_after_load_mb": _rss_mb(), "hwm_after_load_mb": _hwm_mb()}
+  numbers = {"rss_after_load_mb": memory.rss_mb(), "hwm_after_load_mb": _hwm_mb()}
 
   def call():
     t0, c0 = time.perf_counter(), _cpu_s()
@@ -159,7 +129,7 @@ def _run_ours(method: str, tokens: np.ndarray) -> tuple[dict, dict]:
     jax.block_until_ready((result.params, result.masks))
     return result, time.perf_counter() - t0, _cpu_s() - c0
 
-  with _RssSampler() as sampler:
+  with memory.RssSampler() as sampler:
     result, numbers["wall_s"], numbers["cpu_s"] = call()
   numbers["prune_peak_rss_mb"] = sampler.peak_mb
   numbers["phases"] = {k: v for k, v in result.report["timings"].items() if k != "total_s"}
@@ -187,13 +157,13 @@ def _run_torch(method: str, tokens: np.ndarray) -> tuple[dict, dict]:
   model = torch_prune.load_model()
   block0 = torch_prune.block_linears(model.model.layers[0])
   arrays = {"dense/attn/q_proj": block0[("attn", "q_proj")].weight.detach().numpy().copy()}
-  numbers = {"rss_after_load_mb": _rss_mb(), "hwm_after_load_mb": _hwm_mb(),
+  numbers = {"rss_after_load_mb": memory.rss_mb(), "hwm_after_load_mb": _hwm_mb(),
              "threads": torch.get_num_threads()}
   prune = {"wanda": torch_prune.prune_wanda,
            "sparsegpt": functools.partial(torch_prune.prune_sparsegpt,
                                           kth_threshold=FLAGS.torch_kth_threshold)}[method]
   token_tensor = torch.from_numpy(tokens.astype(np.int64))
-  with _RssSampler() as sampler:
+  with memory.RssSampler() as sampler:
     t0, c0 = time.perf_counter(), _cpu_s()
     recorded, phases = prune(model, token_tensor, FLAGS.sparsity,
                              record_layers=(0, len(model.model.layers) - 1))
