@@ -45,7 +45,7 @@ from prunerep_jax.recover import default_optimizer, recover
 from prunerep_jax.study import analyses, beyond_figures, beyond_report, cells, grid, suites
 from prunerep_jax.study.run import (CALLER, DTYPES, Options, _cpu_s, _csv, _headline,
                                     _loadavg)
-from prunerep_jax.study.console import Console, Eta, clock
+from prunerep_jax.study.console import Console, Eta, Progress, clock
 
 DROP_CHOICES = ("cosine", "kl")
 ALLOCATIONS = ("uniform", "owl", "kl")
@@ -359,24 +359,8 @@ def run_beyond(model, prof: Profile, out: str, options: Options, *,
   eta = Eta(PRIOR_S, WEIGHTS)
   pending = [_kind(v) for v in variants if cached[v] is None]
   total = len(variants)
-  done = 0
-
-  def finished(kind: str, name: str, seconds: Optional[float], note: str = "") -> None:
-    nonlocal done
-    done += 1
-    if seconds is None:
-      text = f"[{done:>2}/{total}] {name:<42} cached"
-    else:
-      eta.record(kind, seconds)
-      pending.remove(kind)
-      text = (f"[{done:>2}/{total}] {name:<42} {seconds:6.1f} s  {note}".rstrip()
-              + f"  | elapsed {clock(time.perf_counter() - t_start)}, "
-              f"ETA {clock(eta.remaining(pending))}")
-    console.line(text)
-    flush_log()
-
-  def progress(name):
-    return lambda line: console.status(f"[{done + 1:>2}/{total}] {name}: {line}")
+  tracker = Progress(console, eta, pending, total, t_start, width=42, after=flush_log)
+  finished, progress = tracker.finished, tracker.reporter
 
   def drift(p_params, p_config, v: Variant) -> dict:
     summary = analyses.drift(dense_params, config, p_params, p_config, tokenizer, tokens, mask,
@@ -433,7 +417,7 @@ def run_beyond(model, prof: Profile, out: str, options: Options, *,
       finished(_kind(v), v.label, None)
       continue
     t0 = time.perf_counter()
-    console.status(f"[{done + 1:>2}/{total}] {v.label}: pruning")
+    tracker.status(v.label, "pruning")
     result, info = pruned_model(v.base)
     twin = _same_model(v, variants, cached, info)
     if twin is not None:
@@ -443,7 +427,7 @@ def run_beyond(model, prof: Profile, out: str, options: Options, *,
       finished(_kind(v), v.label, time.perf_counter() - t0, f"the same model as {twin.label}")
       continue
     if v.recovered:
-      console.status(f"[{done + 1:>2}/{total}] {v.label}: recovery training")
+      tracker.status(v.label, "recovery training")
       r = prof.recovery
       result = recover(
           params, result, config, recovery_data().tokens, steps=r.steps,
@@ -458,7 +442,7 @@ def run_beyond(model, prof: Profile, out: str, options: Options, *,
         p_params, result.config, tokenizer, work, prof.sizes, batch_size=options.batch_size,
         gen_batch_size=options.gen_batch_size, dense=dense, dense_params=dense_params,
         dense_config=config, progress=progress(v.label), mesh=options.mesh)
-    console.status(f"[{done + 1:>2}/{total}] {v.label}: drift over {prof.drift_steps} steps")
+    tracker.status(v.label, f"drift over {prof.drift_steps} steps")
     t_drift = time.perf_counter()
     drift_record = drift(p_params, result.config, v)
     drift_record["time_s"] = time.perf_counter() - t_drift

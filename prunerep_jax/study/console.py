@@ -94,6 +94,50 @@ class Eta:
     return sum(self.estimate(k) for k in kinds)
 
 
+class Progress:
+  """The numbered lines of a run of units: "[ 3/28] NAME   12.3 s  NOTE  | elapsed 1:02, ETA 4:10"
+  when a unit finishes (or "cached"), and "[ 4/28] NAME: what" status lines while one runs.
+
+  Args:
+    console: where the lines go.
+    eta: the Eta that records each finished unit's seconds.
+    pending: kinds of the units still to compute (each finished computed unit removes its kind).
+    total: number of units, computed or cached.
+    started: time.perf_counter() at the start of the run (for "elapsed").
+    width: column width of the names.
+    after: called after every finished line (e.g. to flush the log).
+  """
+
+  def __init__(self, console: Console, eta: Eta, pending: list, total: int, started: float, *,
+               width: int, after=None):
+    self.console, self.eta, self.pending, self.total = console, eta, pending, total
+    self.started, self.width, self.after = started, width, after
+    self.done = 0
+
+  def finished(self, kind: str, name: str, seconds: Optional[float], note: str = "") -> None:
+    self.done += 1
+    head = f"[{self.done:>2}/{self.total}] {name:<{self.width}}"
+    if seconds is None:
+      text = f"{head} cached"
+    else:
+      self.eta.record(kind, seconds)
+      self.pending.remove(kind)
+      text = (f"{head} {seconds:6.1f} s  {note}".rstrip()
+              + f"  | elapsed {clock(time.perf_counter() - self.started)}, "
+              f"ETA {clock(self.eta.remaining(self.pending))}")
+    self.console.line(text)
+    if self.after is not None:
+      self.after()
+
+  def status(self, name: str, what: str = "") -> None:
+    """A transient line for the unit now running."""
+    self.console.status(f"[{self.done + 1:>2}/{self.total}] {name}" + (f": {what}" if what else ""))
+
+  def reporter(self, name: str):
+    """A progress callback (line -> None) for the unit now running."""
+    return lambda line: self.status(name, line)
+
+
 class LogBuffer(logging.Handler):
   """Keeps the console's lines and formatted log records in memory; `flush_to` writes them
   (after `header`) atomically."""

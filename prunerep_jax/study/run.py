@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from prunerep_jax import atomic, validate
 from prunerep_jax.model import cast
 from prunerep_jax.study import analyses, cells, figures, grid, report, suites
-from prunerep_jax.study.console import Console, Eta, clock
+from prunerep_jax.study.console import Console, Eta, Progress, clock
 
 CALLER = "prunerep_jax.study"
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -141,24 +141,8 @@ def run(model, profile: grid.Profile, out: str, options: Options,
   pending = [f"cell:{c.method}" for c in todo if cached[c] is None]
   pending += ["analysis"] * sum(v is None for v in cached_analyses.values())
   total = len(todo) + len(analysis_names)
-  done = 0
-
-  def finished(kind: str, name: str, seconds: Optional[float], note: str = "") -> None:
-    nonlocal done
-    done += 1
-    if seconds is None:
-      text = f"[{done:>2}/{total}] {name:<26} cached"
-    else:
-      eta.record(kind, seconds)
-      pending.remove(kind)
-      left = eta.remaining(pending)
-      text = (f"[{done:>2}/{total}] {name:<26} {seconds:6.1f} s  {note}".rstrip()
-              + f"  | elapsed {clock(time.perf_counter() - t_start)}, ETA {clock(left)}")
-    console.line(text)
-    flush_log()
-
-  def progress(name):
-    return lambda line: console.status(f"[{done + 1:>2}/{total}] {name}: {line}")
+  tracker = Progress(console, eta, pending, total, t_start, width=26, after=flush_log)
+  finished, progress = tracker.finished, tracker.reporter
 
   # ------------------------------------------------------------------------------- dense
   dense_cell = todo[0]
@@ -200,7 +184,7 @@ def run(model, profile: grid.Profile, out: str, options: Options,
     if name in summaries:
       finished("analysis", name, None)
       return
-    console.status(f"[{done + 1:>2}/{total}] {name}")
+    tracker.status(name)
     t0 = time.perf_counter()
     summaries[name] = suites.jsonable(compute())
     summaries[name]["seconds"] = time.perf_counter() - t0
@@ -223,7 +207,7 @@ def run(model, profile: grid.Profile, out: str, options: Options,
         finished("analysis", name, None)
       continue
     t0 = time.perf_counter()
-    console.status(f"[{done + 1:>2}/{total}] {cell.label}: pruning")
+    tracker.status(cell.label, "pruning")
     order = {cell.method: order_of(cell.method)} if cell.method in grid.DROP_METHODS else {}
     pruned = cells.prune_cell(cell, params, config, work.calibration, order, mesh=options.mesh)
     p_params = to_eval(pruned.params)

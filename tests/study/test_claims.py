@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from prunerep_jax.study import figures, grid, report
-from prunerep_jax.study.console import Console, Eta, LogBuffer, clock
+from prunerep_jax.study.console import Console, Eta, LogBuffer, Progress, clock
 
 SUITES = ("mmlu", "retrieval", "perplexity", "gsm8k", "humaneval")
 
@@ -274,6 +274,23 @@ def test_eta_uses_finished_units_and_weights():
 
 def test_clock():
   assert [clock(s) for s in (None, 5, 65, 3600 + 62)] == ["?", "0:05", "1:05", "1:01:02"]
+
+
+def test_progress_lines_count_units_and_estimate_what_is_left(monkeypatch):
+  stream, flushes = io.StringIO(), []
+  now = [100.0]
+  monkeypatch.setattr("prunerep_jax.study.console.time.perf_counter", lambda: now[0])
+  pending = ["cell:a", "cell:a", "analysis"]
+  tracker = Progress(Console(stream), Eta(5.0, {"analysis": 0.5}), pending, 4, 40.0, width=6,
+                     after=lambda: flushes.append(1))
+  tracker.finished("cell:a", "dense", None)
+  tracker.finished("cell:a", "a-1", 20.0, "MMLU 0.5")
+  tracker.reporter("a-2")("pruning")  # not a tty: status lines stay off the stream
+  assert stream.getvalue().splitlines() == [
+      "[ 1/4] dense  cached",
+      # elapsed 100 - 40 s; left: one more cell:a (its mean, 20 s) + one analysis (0.5 x 20 s)
+      "[ 2/4] a-1      20.0 s  MMLU 0.5  | elapsed 1:00, ETA 0:30"]
+  assert pending == ["cell:a", "analysis"] and len(flushes) == 2 and tracker.done == 2
 
 
 def test_console_keeps_status_lines_out_of_a_file_but_in_the_log(tmp_path):
