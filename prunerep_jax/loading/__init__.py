@@ -135,7 +135,10 @@ def place(tree: dict, config: Config, dtype: np.dtype, mesh=None) -> dict:
         cast = host_buffer(value.shape, dtype)
         cast[...] = value
         node[key] = value = cast  # the source leaf is released here
-      node[key] = place_leaf(value, None if shard is None else shard[key])
+      # device_put is asynchronous: without waiting, the host buffers of every leaf would stay
+      # alive beside their device copies until the first computation (+450 MB of peak RSS for
+      # the default model on the CPU).
+      node[key] = jax.block_until_ready(place_leaf(value, None if shard is None else shard[key]))
       del value
 
   walk(tree, shardings)

@@ -211,6 +211,11 @@ def _set_layer(layer_params, l: Array, layer_p):
                                 layer_p)
 
 
+def _stacked_zeros(tree, num_layers: int):
+  """Zeros [L, ...] for every leaf of one layer's `tree`."""
+  return jax.tree_util.tree_map(lambda x: jnp.zeros((num_layers,) + x.shape, x.dtype), tree)
+
+
 # --------------------------------------------------------------------------- the driver
 
 LayerFn = Callable[[int, Any, dict, int], tuple[Any, dict, dict]]
@@ -218,7 +223,7 @@ LayerFn = Callable[[int, Any, dict, int], tuple[Any, dict, dict]]
 
 def sequential(params, config: Config, calib: Calibration, kind: Optional[str],
                prune_layer: LayerFn, *, batch_size: int = 8, method: str = "prune",
-               mesh=None):
+               mesh=None, donate: bool = False):
   """Prunes layer after layer on the outputs of the already pruned ones.
 
   Args:
@@ -226,23 +231,34 @@ def sequential(params, config: Config, calib: Calibration, kind: Optional[str],
       transform at its entry.
     calib: calibration windows.
     kind: statistic to collect per layer ("sq_sum" or "hessian").
-    prune_layer: (layer index, layer params, stats, ntokens) -> (new layer params,
-      per-linear masks {(sub, name): [I, O] bool}, per-layer report dict).
+    prune_layer: (layer index, layer params, stats, ntokens) -> (new layer params, this
+      layer's outputs (a pytree of arrays with the same shapes for every layer, e.g. per-linear
+      masks {(sub, name): [I, O] bool}), per-layer report dict).
     batch_size: calibration samples per batch (rounded up to a multiple of the data axis).
     mesh: None, or a ("data", "model") mesh (or spec, see `prunerep_jax.parallel`): params are
       placed by `parallel.shard_params`, the calibration rows are split over the data axis and
       their statistics summed across it; the returned params stay placed on the mesh.
 
+    donate: False (default): `params` is left as it was and the pruned layers go into one copy
+      of the stacked layer params. True: the caller gives `params["layers"]` up and the pruned
+      layers are written into its buffers in place (JAX buffer donation; the given arrays are
+      deleted, and reading them afterwards raises), which saves one copy of the block weights
+      (425 MB for the default model in float32). The other leaves (embedding, final norm) are
+      shared with the result either way.
+
   Memory: besides the params, one residual stream of every calibration row ([nb, B, T, D], nb
   batches of B rows, the last padded with copies of a real row at weight 0, split over the data
-  axis along B) updated in place, one copy of the stacked layer params that receives each pruned
-  layer in place, the masks, and one batch's activations.
+  axis along B) updated in place, the stacked layer params that receive each pruned layer in
+  place (a copy unless `donate`), the stacked per-layer outputs (masks, filled in place), and one
+  batch's activations.
 
   Returns:
-    (new params, per-layer list of masks, per-layer list of reports, timings dict).
+    (new params, the per-layer outputs stacked along a leading L axis (None when they are an
+    empty pytree), per-layer list of reports, timings dict).
   """
   kind = validate.choice("sequential", "kind", kind, STAT_KINDS)
   batch_size = validate.integer(method, "batch_size", batch_size, minimum=1)
+  donate = validate.boolean(method, "donate", donate)
   if not isinstance(calib, Calibration):
     raise validate.fail("sequential", "calib", calib, "a Calibration (see as_calibration)",
                         error=TypeError)
@@ -260,15 +276,18 @@ def sequential(params, config: Config, calib: Calibration, kind: Optional[str],
   h = _embed_batches(params, tokens, M.compute_dtype(params))
   if mesh is not None:
     h = jax.device_put(h, rows_split)
-  # The pruned layers go into this copy in place, so no list of per-layer copies is ever held.
-  new_layers = jax.tree_util.tree_map(jnp.copy, params["layers"])
-  masks, reports = [], []
+  # The pruned layers go into one stacked buffer in place (the caller's own with `donate`), so no
+  # list of per-layer copies is ever held; the per-layer outputs likewise.
+  new_layers = params["layers"]
+  if not donate:
+    new_layers = jax.tree_util.tree_map(jnp.copy, new_layers)
+  outputs, reports = None, []
   t_stats = t_prune = 0.0
   prev = None
   step = _sub_batches(rows.shape[1], mesh is None)
   for l in range(config.num_layers):
     t0 = time.perf_counter()
-    layer_p = layer_of(params["layers"], l)
+    layer_p = layer_of(new_layers, l)  # layer l is still dense here (written below)
     h, stats = layer_pass(prev, layer_p, config, h, weight, kind, step)
     bad = validate.first_nonfinite(stats)
     if bad is not None:
@@ -276,13 +295,18 @@ def sequential(params, config: Config, calib: Calibration, kind: Optional[str],
                        "contain NaN or Inf; the activations overflowed or the weights of "
                        "earlier layers are not finite")
     t1 = time.perf_counter()
-    prev, layer_masks, rep = prune_layer(l, layer_p, stats, ntokens)
+    prev, layer_out, rep = prune_layer(l, layer_p, stats, ntokens)
+    del layer_p, stats
     new_layers = _set_layer(new_layers, jnp.int32(l), prev)
-    jax.block_until_ready(new_layers)
+    if jax.tree_util.tree_leaves(layer_out):
+      if outputs is None:
+        outputs = _stacked_zeros(layer_out, config.num_layers)
+      outputs = _set_layer(outputs, jnp.int32(l), layer_out)
+    del layer_out
+    jax.block_until_ready((new_layers, outputs))
     t2 = time.perf_counter()
     t_stats += t1 - t0
     t_prune += t2 - t1
-    masks.append(layer_masks)
     reports.append(rep)
     logging.info("%s: layer %d/%d done (forward+stats %.1fs, prune %.1fs)", method, l + 1,
                  config.num_layers, t1 - t0, t2 - t1)
@@ -291,4 +315,4 @@ def sequential(params, config: Config, calib: Calibration, kind: Optional[str],
   new_params["layers"] = new_layers
   timings = {"calibration_forward_s": t_stats, "prune_s": t_prune,
              "total_s": time.perf_counter() - t_start}
-  return new_params, masks, reports, timings
+  return new_params, outputs, reports, timings

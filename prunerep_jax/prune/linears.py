@@ -11,7 +11,6 @@ import fnmatch
 import numbers
 from typing import Optional, Sequence, Union
 
-import jax.numpy as jnp
 import numpy as np
 
 from prunerep_jax import layout
@@ -74,12 +73,11 @@ def check_nm_divides(pattern, config, linears: list[Linear], method: str) -> Non
                           f"{sub}/{name} has {d_in} inputs, not divisible by m={pattern.m}")
 
 
-def masks_tree(per_layer: list[dict], linears: list[Linear]) -> dict:
-  """[{(sub, name): [I, O] bool}] per layer -> {"layers": {sub: {name: {"kernel": [L, I, O]}}}}."""
+def masks_tree(stacked: dict, linears: list[Linear]) -> dict:
+  """{(sub, name): [L, I, O] bool} -> {"layers": {sub: {name: {"kernel": [L, I, O]}}}}."""
   tree: dict = {}
   for sub, name in linears:
-    stacked = jnp.stack([m[(sub, name)] for m in per_layer])
-    tree.setdefault(sub, {})[name] = {"kernel": stacked}
+    tree.setdefault(sub, {})[name] = {"kernel": stacked[(sub, name)]}
   return {"layers": tree}
 
 

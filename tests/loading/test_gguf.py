@@ -1,6 +1,7 @@
 """GGUF loading: the default model's config, weights equal to transformers' own GGUF loading, the
 tokenizer and its cache, and bad files failing with errors that name the file and the problem."""
 
+import gc
 import os
 import re
 import shutil
@@ -321,6 +322,22 @@ def test_tiny_gguf_maps_names_transposes_and_unpermutes_qk(tiny_path):
                                     w[f"{i}.{name}"].T)
     np.testing.assert_array_equal(p["layers"]["attn_norm"]["scale"][i], w[f"{i}.attn_norm"])
     np.testing.assert_array_equal(p["layers"]["mlp_norm"]["scale"][i], w[f"{i}.ffn_norm"])
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs Linux /proc")
+def test_loaded_model_does_not_keep_the_file_mapped(tmp_path):
+  """Every tensor of the tiny file is F32, which dequantises to a view of the reader's memory
+  map: the loaded params own copies, so the file is unmapped once the reader is gone (otherwise
+  the whole file stays resident for the model's lifetime)."""
+  # Tensor data aligned to 64 bytes, as in the default file: XLA:CPU then places such a view
+  # without a copy.
+  path = write_tiny_gguf(tmp_path / "aligned.gguf", custom_alignment=64)
+  model = gguf_loader.load_gguf(path)
+  gc.collect()
+  with open("/proc/self/maps") as f:
+    mapped = [line for line in f if path in line]
+  assert not mapped, mapped
+  np.testing.assert_array_equal(model.params["final_norm"]["scale"], _tiny_hf_weights()["norm"])
 
 
 def test_tiny_gguf_loads_through_the_load_dispatcher(tiny_path):

@@ -246,6 +246,10 @@ ROWS = [
     *[row(fn, ArgumentError, rf"{name(fn)}\(batch_size={bad!r}\): expected an integer >= 1",
           batch_size=bad)
       for fn in BATCHED for bad in (0, 2.5)],
+    # donate: a real boolean, refused before any work.
+    *[row(fn, ArgumentError, rf"{fn.__name__}\(donate='yes'\): expected True or False",
+          donate="yes")
+      for fn in (pj.prune.wanda, pj.prune.sparsegpt, pj.prune.neurons)],
     # Non-finite weights, for every transform.
     *[row(fn, ArgumentError, fn.__name__ + NAN_IN_UP, params=Fixture("nan_params"))
       for fn in TRANSFORMS],

@@ -86,3 +86,36 @@ def test_next_layer_sees_the_pruned_previous_layer(params, calib):
   x = M.rms_norm(params["layers"]["attn_norm"]["scale"][1], stream[2], CFG.rms_norm_eps)
   expect = (np.asarray(x, np.float64) ** 2).reshape(-1, CFG.hidden_size).sum(0)
   np.testing.assert_allclose(seen[1]["attn_in"], expect, rtol=2e-5)
+
+
+def test_per_layer_outputs_come_back_stacked(params, calib):
+  """What prune_layer returns per layer comes back as one [L, ...] array per leaf, in order."""
+  def prune(l, layer_p, stats, ntokens):
+    return layer_p, {"id": jnp.full((2, 3), l, jnp.int32), "keep": stats["down_in"] > 0}, {}
+
+  _, stacked, _, _ = calibrate.sequential(params, CFG, calib, "sq_sum", prune, batch_size=2)
+  np.testing.assert_array_equal(stacked["id"], np.arange(CFG.num_layers)[:, None, None]
+                                * np.ones((1, 2, 3), np.int32))
+  assert stacked["keep"].shape == (CFG.num_layers, CFG.intermediate_size)
+  assert stacked["keep"].dtype == jnp.bool_
+
+
+def test_donate_prunes_in_place_with_the_same_result(params, calib):
+  """donate=True writes the pruned layers into the caller's buffers (which are deleted) and gives
+  the same params and masks, bit for bit, as the default copy."""
+  ref = pj.prune.wanda(params, CFG, 0.5, calibration=calib.tokens, batch_size=2)
+  given = jax.tree_util.tree_map(jnp.copy, params)
+  kernel = given["layers"]["mlp"]["up_proj"]["kernel"]
+  address = kernel.unsafe_buffer_pointer()
+  out = pj.prune.wanda(given, CFG, 0.5, calibration=calib.tokens, batch_size=2, donate=True)
+  assert kernel.is_deleted()
+  assert all(x.is_deleted() for x in jax.tree_util.tree_leaves(given["layers"]))
+  assert not given["embed"]["embedding"].is_deleted()
+  pruned = out.params["layers"]["mlp"]["up_proj"]["kernel"]
+  assert pruned.unsafe_buffer_pointer() == address  # the same buffer, pruned in place
+  for a, b in zip(jax.tree_util.tree_leaves(out.params), jax.tree_util.tree_leaves(ref.params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  for a, b in zip(jax.tree_util.tree_leaves(out.masks), jax.tree_util.tree_leaves(ref.masks)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # The default leaves the caller's params whole.
+  assert not any(x.is_deleted() for x in jax.tree_util.tree_leaves(params))
