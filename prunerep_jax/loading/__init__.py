@@ -18,6 +18,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from prunerep_jax import hostmem  # noqa: E402
 from prunerep_jax import parallel  # noqa: E402
 from prunerep_jax import validate  # noqa: E402
 from prunerep_jax.config import Config  # noqa: E402
@@ -142,6 +143,7 @@ def place(tree: dict, config: Config, dtype: np.dtype, mesh=None) -> dict:
       del value
 
   walk(tree, shardings)
+  hostmem.release_free_memory()  # the host copies and dequantisation temporaries just freed
   return tree
 
 

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from prunerep_jax import hostmem
 from prunerep_jax import model as M
 from prunerep_jax import parallel
 from prunerep_jax import validate
@@ -182,13 +183,18 @@ def layer_pass(prev_p, layer_p, config: Config, h: Array, weight: Array, kind: s
       x = M.block(prev_p, config, x, ctx, causal_chunk=_QUERY_CHUNK).h_out
     return x, M.block(layer_p, config, x, ctx, inputs=True, causal_chunk=_QUERY_CHUNK).inputs
 
+  def add_step(stats, xw):  # one step of `step` windows: its blocks, then its statistics
+    x, w = xw
+    x, inputs = blocks(x)
+    return _add_statistics(stats, inputs, w, kind), x
+
   def body(i, carry):
     h, stats = carry
-    x, inputs = jax.lax.map(blocks, h[i].reshape(B // step, step, T, D))
-    inputs = {g: v.reshape((B,) + v.shape[2:]) for g, v in inputs.items()}  # [B, T, I]
+    stats, x = jax.lax.scan(add_step, stats, (h[i].reshape(B // step, step, T, D),
+                                              weight[i].reshape(B // step, step)))
     if prev_p is not None:
       h = h.at[i].set(x.reshape(B, T, D))
-    return h, _add_statistics(stats, inputs, weight[i], kind)
+    return h, stats
 
   return jax.lax.fori_loop(0, h.shape[0], body, (h, stats))
 
@@ -304,6 +310,7 @@ def sequential(params, config: Config, calib: Calibration, kind: Optional[str],
       outputs = _set_layer(outputs, jnp.int32(l), layer_out)
     del layer_out
     jax.block_until_ready((new_layers, outputs))
+    hostmem.release_free_memory()  # this layer's freed temporaries, before the next allocates
     t2 = time.perf_counter()
     t_stats += t1 - t0
     t_prune += t2 - t1
