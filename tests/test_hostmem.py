@@ -5,15 +5,8 @@ import os
 import numpy as np
 import pytest
 
+from benchmarks.memory import rss_mb
 from prunerep_jax import hostmem
-
-
-def _rss_mb() -> float:
-  with open("/proc/self/status") as f:
-    for line in f:
-      if line.startswith("VmRSS"):
-        return int(line.split()[1]) / 1024
-  raise AssertionError("no VmRSS")
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/status") or hostmem._malloc_trim() is None,
@@ -24,8 +17,8 @@ def test_release_returns_the_holes_of_a_fragmented_heap():
   blocks = [np.ones(8_000) for _ in range(2000)]
   kept = blocks[::8]
   del blocks
-  before = _rss_mb()
+  before = rss_mb()
   assert hostmem.release_free_memory() is True
-  after = _rss_mb()
+  after = rss_mb()
   assert before - after > 60, (before, after)
   assert all(float(k[0]) == 1.0 and k.size == 8_000 for k in kept)  # live blocks untouched
