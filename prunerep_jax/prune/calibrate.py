@@ -246,7 +246,6 @@ def sequential(params, config: Config, calib: Calibration, kind: Optional[str],
     mesh: None, or a ("data", "model") mesh (or spec, see `prunerep_jax.parallel`): params are
       placed by `parallel.shard_params`, the calibration rows are split over the data axis and
       their statistics summed across it; the returned params stay placed on the mesh.
-
     donate: False (default): `params` is left as it was and the pruned layers go into one copy
       of the stacked layer params. True: the caller gives `params["layers"]` up and the pruned
       layers are written into its buffers in place (JAX buffer donation; the given arrays are
