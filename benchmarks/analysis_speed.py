@@ -134,7 +134,9 @@ def _ints(name: str) -> list[int]:
 def _release_free_memory() -> None:
   """Returns the C heap's free pages to the OS (glibc malloc_trim), so that memory freed after
   loading (copies made while converting weights) no longer counts as resident: "RSS after load"
-  is then the loaded models plus the runtime, and later peaks are real growth."""
+  is then the loaded models plus the runtime, and later peaks are real growth. The same call as
+  `prunerep_jax.hostmem.release_free_memory`, kept here because the PyTorch child must not import
+  the library (it would load jax into the process whose memory is measured)."""
   import ctypes
   try:
     ctypes.CDLL("libc.so.6").malloc_trim(0)

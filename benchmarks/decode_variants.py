@@ -8,15 +8,19 @@ Prints one table, all in this process on the default model (fp32, greedy, a 16-t
                    head alone (x [1, D] against the tied [V, D] table), and the 30 layers' largest
                    matrix-vector products in a bare `lax.scan` ([I, O] kernels as stored, and the
                    same kernels transposed to [O, I]);
-  decode variants  ms/token of `pj.generate` as shipped; with the layer scan unrolled by 2 and 5;
-                   with q/k/v and gate/up fused into one matrix each (prepared once outside the
-                   step, 4 matrix-vector products per layer instead of 7). Each variant's tokens
+  decode variants  ms/token of `pj.generate` as shipped; with every layer's weights in a buffer
+                   of its own and a Python loop over the layers (no per-step copy of each
+                   layer's slice of the stacked weights); with the layer scan unrolled by 2 and
+                   5; with q/k/v and gate/up fused into one matrix each (prepared once outside
+                   the step, 4 matrix-vector products per layer instead of 7). "first call" is
+                   the variant's first run, compilation included. Each variant's tokens
                    are checked equal to the shipped one's. ms/token is (time(k + n) - time(k)) / n,
                    median over repeats, variants interleaved round by round so a burst of load
                    from other processes does not land on one variant only.
 
 The variants patch `prunerep_jax.model` functions inside this process only; nothing here changes
-the library. Results and the decisions they led to: BUILD_NOTES.md, Model speed.
+the library. XLA flags apply to the whole process: compare them with separate runs, e.g.
+`XLA_FLAGS=--xla_cpu_prefer_vector_width=512 python -m benchmarks.decode_variants`. Results and the decisions they led to: BUILD_NOTES.md, Model speed.
 """
 
 from __future__ import annotations
